@@ -1,0 +1,46 @@
+"""kdlib: read teacher-logit caches and train students with sparse knowledge distillation.
+
+Public entry points (imported lazily so `import kdlib` stays cheap and optional extras stay optional):
+
+* ``open_cache(path_or_url)``: a local (memory-mapped) or remote (HTTP) cache with ``read(start, stop)``.
+* ``kd_loss`` / ``KDLoss`` / ``kd_loss_from_batch`` / ``kd_loss_from_hidden``: sparse-KD losses fused with CE.
+* ``make_loader`` / ``CacheDataset`` / ``check_alignment``: the training-side data path.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "open_cache": "kdlib.reader",
+    "LocalCache": "kdlib.reader",
+    "CacheError": "cache_server.format",
+    "kd_loss": "kdlib.losses",
+    "KDLoss": "kdlib.losses",
+    "kd_loss_from_batch": "kdlib.losses",
+    "kd_loss_from_hidden": "kdlib.losses",
+    "make_loader": "kdlib.loader",
+    "CacheLoader": "kdlib.loader",
+    "CacheDataset": "kdlib.dataset",
+    "check_alignment": "kdlib.alignment",
+    "AlignmentError": "kdlib.alignment",
+    "RemoteCache": "kdlib.remote",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    module_name = _EXPORTS.get(name)
+    if module_name is None:
+        raise AttributeError(f"module 'kdlib' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module_name), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,386 @@
+"""Read a kdcache cache: ``open_cache(path or URL)`` → ``read(start, stop)`` / ``lookup(indices)``.
+
+Shape notation::
+
+    n  sequences in a batch        T  positions per sequence
+    K  top-k entries per position  V  teacher vocabulary size
+
+A batch is a ``dict`` of torch tensors::
+
+    input_ids      [n, T]     int32 (int64 with widen=True)
+    topk_ids       [n, T, K]  uint16 when stored so (zero-copy), else int32 (int64 with widen=True)
+    topk_logprobs  [n, T, K]  float16 as stored (float32 with widen=True)
+    lse            [n, T]     float32  teacher full-vocab logsumexp
+    lse_t{tau:g}   [n, T]     float32  logsumexp(logits/tau) for each build temperature
+
+The hot path never decodes through zarr: each shard is fetched from its source once, checked against the
+manifest's sha256, decoded once into an uncompressed ``.npy`` file under the decode directory, and from then
+on memory-mapped. A batch inside one shard is a zero-copy view of that mapping. The decode directory is keyed
+by the manifest's hash, so a rebuilt cache never sees stale decoded data; concurrent processes (DataLoader
+workers, several ranks) may share it because each decoded file appears atomically (write + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from cache_server import format as fmt
+from cache_server.format import CacheError, CorruptShardError
+
+__all__ = [
+    "open_cache",
+    "CacheReader",
+    "LocalCache",
+    "ShardSource",
+    "LocalShardSource",
+    "DecodedShardStore",
+    "default_decode_root",
+    "CacheError",
+    "CorruptShardError",
+]
+
+PER_SEQUENCE_ARRAYS = ("seq_nll", "seq_entropy")
+
+
+class ShardSource(Protocol):
+    """Where stored (compressed) shard bytes come from: a local directory or an HTTP server."""
+
+    description: str
+
+    def manifest_bytes(self) -> bytes: ...
+
+    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes: ...
+
+
+class LocalShardSource:
+    """Stored shards of a cache directory on a local (or mounted) filesystem."""
+
+    def __init__(self, cache_dir: str | os.PathLike) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.description = str(self.cache_dir)
+
+    def manifest_bytes(self) -> bytes:
+        fmt.load_manifest(self.cache_dir)  # raises the helpful errors (missing, unfinished, not a dir)
+        return (self.cache_dir / fmt.MANIFEST_NAME).read_bytes()
+
+    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes:
+        path = self.cache_dir / fmt.shard_relpath(array, shard_index, ndim)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            raise CorruptShardError(array, shard_index, "shard file is missing", where=str(path)) from None
+
+
+def default_decode_root() -> Path:
+    """``$KDCACHE_DECODE_DIR`` or ``$XDG_CACHE_HOME/kdcache/decoded`` (``~/.cache/kdcache/decoded``)."""
+    env = os.environ.get("KDCACHE_DECODE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kdcache" / "decoded"
+
+
+class DecodedShardStore:
+    """Decoded shards, each decoded at most once into a memory-mapped ``.npy`` file.
+
+    Args:
+        source: where stored shard bytes come from.
+        manifest: the cache manifest (checksums, shapes).
+        decode_dir: directory for this cache's decoded shards.
+        max_open: memory maps kept open in this process (LRU); files stay on disk regardless.
+    """
+
+    def __init__(self, source: ShardSource, manifest: Mapping[str, Any], decode_dir: Path, max_open: int = 256):
+        self.source = source
+        self.manifest = manifest
+        self.layout = fmt.layout_from_manifest(manifest)
+        self.specs = {spec.name: spec for spec in self.layout.arrays()}
+        self.decode_dir = Path(decode_dir)
+        self.max_open = max_open
+        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    def _path(self, array: str, shard_index: int) -> Path:
+        return self.decode_dir / array / f"{shard_index}.npy"
+
+    def is_decoded(self, array: str, shard_index: int) -> bool:
+        return self._path(array, shard_index).exists()
+
+    def get(self, array: str, shard_index: int) -> np.ndarray:
+        """The decoded shard [rows, *trailing] as a (copy-on-write) memory map."""
+        if os.getpid() != self._pid:  # forked into a DataLoader worker: do not share maps/locks across fork
+            self._maps = OrderedDict()
+            self._lock = threading.Lock()
+            self._pid = os.getpid()
+        key = (array, shard_index)
+        with self._lock:
+            cached = self._maps.get(key)
+            if cached is not None:
+                self._maps.move_to_end(key)
+                return cached
+        path = self._path(array, shard_index)
+        if not path.exists():
+            self._decode_to(path, array, shard_index)
+        mm = np.load(path, mmap_mode="c", allow_pickle=False)
+        with self._lock:
+            self._maps[key] = mm
+            while len(self._maps) > self.max_open:
+                self._maps.popitem(last=False)
+        return mm
+
+    def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
+        spec = self.specs[array]
+        ndim = 1 + len(spec.trailing_shape)
+        raw = self.source.read_shard(array, shard_index, ndim)
+        expected = self.manifest["shards"][array][shard_index]
+        fmt.verify_shard_bytes(raw, expected, array, shard_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        start, stop = self.layout.shard_range(shard_index)
+        # Decode straight into the file's memory map: one pass, no intermediate buffer.
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=spec.dtype, shape=spec.shape(stop - start))
+        try:
+            fmt.decode_shard(raw, spec, self.layout, shard_index, out=out)
+            out.flush()
+        except BaseException:
+            del out
+            tmp.unlink(missing_ok=True)
+            raise
+        del out
+        os.replace(tmp, path)
+
+    def prefetch(self, array: str, shard_index: int) -> None:
+        """Decode a shard ahead of need (no-op if already decoded)."""
+        if 0 <= shard_index < self.layout.num_shards and not self.is_decoded(array, shard_index):
+            self.get(array, shard_index)
+
+
+def _manifest_key(raw_manifest: bytes) -> str:
+    return hashlib.sha256(raw_manifest).hexdigest()[:24]
+
+
+class CacheReader:
+    """A cache, local or remote, with the same interface either way.
+
+    Args:
+        source: stored shard bytes (LocalShardSource, or kdlib.remote's HTTP source).
+        decode_dir: root for decoded shards (default: ``default_decode_root()``); this cache uses a
+            subdirectory named by its manifest hash.
+        widen: default for ``read(..., widen=)``: int64 ids and float32 values instead of compact dtypes.
+        readahead: shards to decode ahead in a background thread when reading sequentially (0 disables).
+    """
+
+    def __init__(
+        self,
+        source: ShardSource,
+        *,
+        decode_dir: str | os.PathLike | None = None,
+        widen: bool = False,
+        readahead: int = 1,
+    ) -> None:
+        raw = source.manifest_bytes()
+        self.source = source
+        self.manifest: dict[str, Any] = fmt.parse_manifest(raw, source=f"{source.description}/{fmt.MANIFEST_NAME}")
+        self.layout = fmt.layout_from_manifest(self.manifest)
+        root = Path(decode_dir) if decode_dir is not None else default_decode_root()
+        self.decode_dir = root / _manifest_key(raw)
+        self.store = DecodedShardStore(source, self.manifest, self.decode_dir)
+        self.widen = widen
+        self.readahead = readahead
+        self._readahead_thread: threading.Thread | None = None
+        self._last_shard = -1
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def num_sequences(self) -> int:
+        return self.layout.num_sequences
+
+    @property
+    def seq_len(self) -> int:
+        return self.layout.seq_len
+
+    @property
+    def topk(self) -> int:
+        return self.layout.topk
+
+    @property
+    def vocab_size(self) -> int:
+        return self.layout.vocab_size
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        return self.layout.temperatures
+
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
+
+    @property
+    def shard_seqs(self) -> int:
+        return self.layout.shard_seqs
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.source.description!r}, num_sequences={self.num_sequences}, "
+            f"seq_len={self.seq_len}, topk={self.topk}, vocab_size={self.vocab_size})"
+        )
+
+    def position_arrays(self) -> list[str]:
+        """Names of the per-position arrays a batch carries."""
+        return [name for name in self.store.specs if name not in PER_SEQUENCE_ARRAYS]
+
+    # ------------------------------------------------------------------ reading
+
+    def _check_arrays(self, arrays: Sequence[str] | None) -> list[str]:
+        if arrays is None:
+            return self.position_arrays()
+        unknown = [a for a in arrays if a not in self.store.specs]
+        if unknown:
+            raise KeyError(f"unknown arrays {unknown}; this cache has {sorted(self.store.specs)}")
+        return list(arrays)
+
+    def read(
+        self, start: int, stop: int, *, arrays: Sequence[str] | None = None, widen: bool | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Sequences [start, stop) as a dict of torch tensors (see the module docstring for dtypes)."""
+        if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))):
+            raise TypeError(f"read(start, stop) takes integers, got {type(start).__name__}, {type(stop).__name__}")
+        if not 0 <= start <= stop <= self.num_sequences:
+            raise IndexError(f"read({start}, {stop}) is outside [0, {self.num_sequences}]")
+        names = self._check_arrays(arrays)
+        S = self.layout.shard_seqs
+        first, last = start // S, max(start, stop - 1) // S
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            if first == last or start == stop:
+                mm = self.store.get(name, first)
+                data = mm[start - first * S : stop - first * S]
+            else:
+                parts = [
+                    self.store.get(name, s)[max(start, s * S) - s * S : min(stop, (s + 1) * S) - s * S]
+                    for s in range(first, last + 1)
+                ]
+                data = np.concatenate(parts)
+            out[name] = self._to_tensor(name, data, self.widen if widen is None else widen)
+        self._maybe_readahead(last, names)
+        return out
+
+    def lookup(
+        self, sequence_indices: Sequence[int] | np.ndarray | torch.Tensor, *, arrays: Sequence[str] | None = None,
+        widen: bool | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Sequences at arbitrary indices, in the order given."""
+        idx = np.asarray(
+            sequence_indices.cpu().numpy() if isinstance(sequence_indices, torch.Tensor) else sequence_indices,
+            dtype=np.int64,
+        ).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_sequences):
+            raise IndexError(f"sequence indices must be in [0, {self.num_sequences}), got {idx.min()}..{idx.max()}")
+        names = self._check_arrays(arrays)
+        S = self.layout.shard_seqs
+        shard_of = idx // S
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            spec = self.store.specs[name]
+            data = np.empty((idx.size, *spec.trailing_shape), dtype=spec.dtype)
+            for s in np.unique(shard_of):
+                mask = shard_of == s
+                data[mask] = self.store.get(name, int(s))[idx[mask] - s * S]
+            out[name] = self._to_tensor(name, data, self.widen if widen is None else widen)
+        return out
+
+    def sequence_stats(self) -> dict[str, torch.Tensor]:
+        """Per-sequence teacher statistics ``seq_nll`` and ``seq_entropy``, [N] float32 each."""
+        return self.read(0, self.num_sequences, arrays=list(PER_SEQUENCE_ARRAYS))
+
+    def _to_tensor(self, name: str, data: np.ndarray, widen: bool) -> torch.Tensor:
+        if data.dtype == np.uint32:
+            # Token ids are < 2**31, so uint32 bits read as int32 are the same numbers: zero-copy.
+            data = data.view(np.int32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # copy-on-write maps are writable; belt and braces
+            tensor = torch.from_numpy(data)
+        if name == "input_ids" and not widen:
+            return tensor.to(torch.int32)
+        if widen:
+            if tensor.is_floating_point():
+                return tensor.to(torch.float32)
+            return tensor.to(torch.int64)
+        return tensor
+
+    def _maybe_readahead(self, last_shard: int, names: list[str]) -> None:
+        """When reading forward, decode the next shard(s) in the background (cold reads overlap decoding)."""
+        if self.readahead <= 0 or last_shard == self._last_shard:
+            return
+        sequential = last_shard == self._last_shard + 1
+        self._last_shard = last_shard
+        if not sequential:
+            return
+        thread = self._readahead_thread
+        if thread is not None and thread.is_alive():
+            return
+        wanted = [
+            (name, s)
+            for s in range(last_shard + 1, min(last_shard + 1 + self.readahead, self.num_shards))
+            for name in names
+            if not self.store.is_decoded(name, s)
+        ]
+        if not wanted:
+            return
+
+        def work() -> None:
+            for name, s in wanted:
+                try:
+                    self.store.prefetch(name, s)
+                except Exception:
+                    return  # the foreground read will raise the error with full context
+
+        self._readahead_thread = threading.Thread(target=work, name="kdcache-readahead", daemon=True)
+        self._readahead_thread.start()
+
+    def prepare(self, progress: bool = False) -> None:
+        """Decode every shard now (e.g. before timing, or before forking workers)."""
+        items = [(name, s) for s in range(self.num_shards) for name in self.store.specs]
+        iterator = items
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(items, desc="decoding shards", unit="shard")
+        for name, s in iterator:
+            self.store.prefetch(name, s)
+
+
+class LocalCache(CacheReader):
+    """A cache directory on a local or mounted filesystem."""
+
+    def __init__(self, cache_dir: str | os.PathLike, **kwargs: Any) -> None:
+        super().__init__(LocalShardSource(cache_dir), **kwargs)
+        self.path = Path(cache_dir)
+
+
+def open_cache(path_or_url: str | os.PathLike, **kwargs: Any) -> CacheReader:
+    """Open a cache directory or an ``http(s)://host:port/v1/caches/NAME`` URL with the same interface.
+
+    Keyword arguments go to the reader (``decode_dir``, ``widen``, ``readahead``; remote caches also take
+    ``token``, ``shard_cache_dir``, ``shard_cache_bytes``, ``timeout_s``...).
+    """
+    text = os.fspath(path_or_url)
+    if isinstance(text, str) and text.startswith(("http://", "https://")):
+        from kdlib.remote import RemoteCache
+
+        return RemoteCache(text, **kwargs)
+    return LocalCache(text, **kwargs)

@@ -1,0 +1,126 @@
+"""Local reader: values, dtypes, zero-copy, decode-once, corruption detection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kdlib
+from cache_server import format as fmt
+from cache_server.commands.verify import verify_cache
+from tests.cachefactory import make_synthetic_cache
+
+
+@pytest.fixture()
+def cache_and_arrays(tmp_path):
+    out, arrays = make_synthetic_cache(
+        tmp_path / "c", num_sequences=21, seq_len=13, topk=5, vocab_size=300, temperatures=(2.0,),
+        shard_seqs=8, chunk_seqs=4,
+    )
+    return out, arrays, tmp_path / "decoded"
+
+
+def _as_np(tensor: torch.Tensor, like: np.ndarray) -> np.ndarray:
+    array = tensor.numpy()
+    return array.view(like.dtype) if array.dtype.itemsize == like.dtype.itemsize and array.dtype.kind in "iu" \
+        else array.astype(like.dtype)
+
+
+@pytest.mark.parametrize("start,stop", [(0, 21), (3, 5), (7, 9), (0, 8), (5, 21), (20, 21), (4, 4)])
+def test_read_matches_written_arrays(cache_and_arrays, start, stop):
+    out, arrays, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir)
+    assert (cache.num_sequences, cache.seq_len, cache.topk, cache.vocab_size) == (21, 13, 5, 300)
+    assert cache.temperatures == (2.0,)
+    batch = cache.read(start, stop)
+    assert sorted(batch) == ["input_ids", "lse", "lse_t2", "topk_ids", "topk_logprobs"]
+    for name, tensor in batch.items():
+        np.testing.assert_array_equal(_as_np(tensor, arrays[name]), arrays[name][start:stop])
+    assert batch["input_ids"].dtype == torch.int32
+    assert batch["topk_ids"].dtype == torch.uint16
+    assert batch["topk_logprobs"].dtype == torch.float16
+    assert batch["lse"].dtype == torch.float32
+    assert batch["topk_ids"].shape == (stop - start, 13, 5)
+
+
+def test_widen_and_lookup(cache_and_arrays):
+    out, arrays, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir, widen=True)
+    batch = cache.read(2, 11)
+    assert batch["topk_ids"].dtype == torch.int64 and batch["topk_logprobs"].dtype == torch.float32
+    idx = [20, 0, 9, 9, 15]
+    looked = cache.lookup(torch.tensor(idx))
+    np.testing.assert_array_equal(looked["topk_ids"].numpy(), arrays["topk_ids"][idx].astype(np.int64))
+    np.testing.assert_array_equal(looked["topk_logprobs"].numpy(), arrays["topk_logprobs"][idx].astype(np.float32))
+    stats = cache.sequence_stats()
+    np.testing.assert_array_equal(stats["seq_nll"].numpy(), arrays["seq_nll"])
+    with pytest.raises(IndexError):
+        cache.lookup([21])
+    with pytest.raises(IndexError):
+        cache.read(5, 30)
+
+
+def test_uint32_ids_are_int32_zero_copy(tmp_path):
+    out, arrays = make_synthetic_cache(tmp_path / "c", num_sequences=6, seq_len=5, topk=3, vocab_size=70000,
+                                       shard_seqs=8, chunk_seqs=2)
+    cache = kdlib.open_cache(out, decode_dir=tmp_path / "d")
+    batch = cache.read(1, 4)
+    assert batch["topk_ids"].dtype == torch.int32
+    np.testing.assert_array_equal(batch["topk_ids"].numpy().astype(np.int64), arrays["topk_ids"][1:4])
+
+
+def test_each_shard_is_decoded_once_and_batches_are_views(cache_and_arrays):
+    out, _, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
+    cache.read(0, 4)
+    decoded = sorted(p.relative_to(cache.decode_dir) for p in cache.decode_dir.rglob("*.npy"))
+    assert [str(p) for p in decoded] == [f"{a}/0.npy" for a in sorted(cache.position_arrays())]
+    mtimes = {p: p.stat().st_mtime_ns for p in cache.decode_dir.rglob("*.npy")}
+    first = cache.read(1, 3)["topk_logprobs"]
+    again = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(1, 3)["topk_logprobs"]
+    assert {p: p.stat().st_mtime_ns for p in cache.decode_dir.rglob("*.npy")} == mtimes
+    torch.testing.assert_close(first, again)
+    # Within one shard a batch is a view of the decoded map: two reads share storage.
+    a = cache.read(0, 8)["topk_ids"]
+    b = cache.read(0, 8)["topk_ids"]
+    assert a.data_ptr() == b.data_ptr()
+
+
+def test_prepare_decodes_everything(cache_and_arrays):
+    out, _, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir)
+    cache.prepare()
+    assert len(list(cache.decode_dir.rglob("*.npy"))) == cache.num_shards * (len(cache.position_arrays()) + 2)
+
+
+def _flip_byte(path, offset=10):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_shard_is_named_by_verify_and_refused_by_reader(cache_and_arrays):
+    out, _, decode_dir = cache_and_arrays
+    assert verify_cache(out) == []
+    _flip_byte(out / fmt.shard_relpath("topk_logprobs", 1, 3))
+    problems = verify_cache(out)
+    assert len(problems) == 1 and "'topk_logprobs' shard 1" in problems[0] and "sha256" in problems[0]
+    cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
+    cache.read(0, 8)  # shard 0 is intact
+    with pytest.raises(fmt.CorruptShardError, match="'topk_logprobs' shard 1"):
+        cache.read(8, 10)
+    assert not (cache.decode_dir / "topk_logprobs" / "1.npy").exists()
+
+
+def test_missing_shard_file(cache_and_arrays):
+    out, _, decode_dir = cache_and_arrays
+    (out / fmt.shard_relpath("lse", 2, 2)).unlink()
+    assert any("'lse' shard 2" in p and "missing" in p for p in verify_cache(out))
+    with pytest.raises(fmt.CorruptShardError, match="missing"):
+        kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(16, 21)
+
+
+def test_open_cache_errors(tmp_path):
+    with pytest.raises(fmt.CacheError, match="does not exist"):
+        kdlib.open_cache(tmp_path / "missing")
