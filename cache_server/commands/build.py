@@ -1,0 +1,137 @@
+"""`kdcache build`: run a teacher over token data and write a crash-safe, resumable top-k logit cache."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["register", "run"]
+
+EPILOG = """\
+examples:
+  # transformers teacher, 1-D token stream cut into sequences of 2048 (the remainder is dropped and reported)
+  kdcache build --teacher ./llama-1b --data tokens.npy --topk 32 --seq-len 2048 --out ./cache
+
+  # nanoGPT .bin stream (uint16), extra temperatures, bf16 teacher on GPU
+  kdcache build --teacher ./teacher --data train.bin --data-dtype uint16 --topk 64 --seq-len 1024 \\
+      --temperatures 2,4 --dtype bfloat16 --device cuda --batch-size 16 --out ./cache
+
+  # text with the teacher's tokenizer; quick try on 100 sequences
+  kdcache build --teacher ./teacher --data docs.jsonl --tokenizer ./teacher --topk 32 --seq-len 512 \\
+      --max-sequences 100 --out ./cache-try
+
+  # custom model: safetensors state dict + a factory that builds the nn.Module
+  kdcache build --teacher model.safetensors --model-factory mypkg.models:build_teacher --data tokens.npy \\
+      --topk 32 --seq-len 512 --out ./cache
+
+  # 4 GPUs: one process per rank (or set RANK / WORLD_SIZE); the last rank to finish writes the manifest
+  for r in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$r kdcache build ... --rank $r --world-size 4 --device cuda & done
+
+Rerunning the same command after a crash resumes it (the result is bitwise identical to an uninterrupted
+build with the same --batch-size); a rerun with other settings is refused unless --overwrite.
+Data: .npy (1-D or 2-D), .bin (--data-dtype), .parquet, .arrow/.feather, datasets.save_to_disk directory
+(column input_ids), .txt / .jsonl ("text" field, with --tokenizer). Exit code 2 on bad input.
+"""
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    try:
+        return int(value) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _temperatures(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--temperatures takes comma-separated numbers like 1,2,4, got {text!r}")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    from cache_server import format as fmt
+
+    p = subparsers.add_parser(
+        "build",
+        help="run a teacher over token data and write a top-k logit cache",
+        description=__doc__.split(":", 1)[1].strip(),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    req = p.add_argument_group("required")
+    req.add_argument("--teacher", required=True, metavar="CKPT",
+                     help="transformers model directory (safetensors), or a .safetensors state dict with --model-factory")
+    req.add_argument("--data", required=True, metavar="PATH", help="token data (see formats below)")
+    req.add_argument("--topk", required=True, type=int, metavar="K", help="top-k entries kept per position")
+    req.add_argument("--seq-len", required=True, type=int, metavar="T", help="positions per sequence")
+    req.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if unfinished)")
+
+    t = p.add_argument_group("teacher")
+    t.add_argument("--model-factory", metavar="MODULE:FUNCTION",
+                   help="function returning the nn.Module for a bare safetensors state dict")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="teacher compute dtype (top-k/logsumexp are always fp32); default float32")
+    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+
+    d = p.add_argument_group("data")
+    d.add_argument("--tokenizer", metavar="DIR", help="tokenizer.json directory for .txt/.jsonl (default: the teacher's)")
+    d.add_argument("--data-dtype", choices=["uint16", "uint32"], help="dtype of a raw .bin token stream (default uint16)")
+    d.add_argument("--max-sequences", type=int, metavar="N", help="use only the first N sequences (quick runs)")
+
+    c = p.add_argument_group("cache contents")
+    c.add_argument("--temperatures", type=_temperatures, default=(), metavar="T1,T2",
+                   help="extra temperatures for logsumexp(logits/tau), e.g. 2,4 (1 is always stored as lse)")
+    c.add_argument("--logprob-dtype", default="float16", choices=["float16", "float32"], help="default float16")
+    c.add_argument("--codec", default=fmt.DEFAULT_CODEC, choices=sorted(fmt.CODEC_PRESETS),
+                   help=f"compression preset (default {fmt.DEFAULT_CODEC})")
+    c.add_argument("--shard-seqs", type=int, metavar="S", help="sequences per shard (default: plan_chunking)")
+    c.add_argument("--chunk-seqs", type=int, metavar="C", help="sequences per inner chunk (default: plan_chunking)")
+
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward (default 8)")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing cache/build with other settings")
+    r.add_argument("--rank", type=int, default=_env_int("RANK", 0), help="this process's rank (default $RANK or 0)")
+    r.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1),
+                   help="number of build processes (default $WORLD_SIZE or 1)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from cache_server import format as fmt
+    from cache_server.build_job import BuildInputError, BuildOptions, run_build
+    from cache_server.data_sources import DataError
+    from cache_server.teacher import TeacherError
+
+    opts = BuildOptions(
+        teacher=args.teacher,
+        data=args.data,
+        out=args.out,
+        topk=args.topk,
+        seq_len=args.seq_len,
+        model_factory=args.model_factory,
+        tokenizer=args.tokenizer,
+        data_dtype=args.data_dtype,
+        temperatures=tuple(args.temperatures),
+        dtype=args.dtype,
+        device=args.device,
+        logprob_dtype=args.logprob_dtype,
+        codec=args.codec,
+        batch_size=args.batch_size,
+        shard_seqs=args.shard_seqs,
+        chunk_seqs=args.chunk_seqs,
+        overwrite=args.overwrite,
+        rank=args.rank,
+        world_size=args.world_size,
+        max_sequences=args.max_sequences,
+        progress=not args.no_progress,
+    )
+    try:
+        run_build(opts)
+    except (BuildInputError, DataError, TeacherError, fmt.CacheError) as exc:
+        print(f"kdcache build: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
