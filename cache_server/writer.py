@@ -142,7 +142,9 @@ class CacheWriter:
             elif settings_path.exists():
                 previous = json.loads(settings_path.read_text())
                 if previous == self._settings_blob():
-                    return  # resume
+                    # Resume. A finalize lock left by a crash during finalize would block forever: drop it.
+                    (self.state_dir / "finalize.lock").unlink(missing_ok=True)
+                    return
                 if not overwrite:
                     raise BuildStateError(
                         f"{str(out)!r} holds an unfinished build with different settings "
@@ -169,6 +171,15 @@ class CacheWriter:
                 shutil.rmtree(child)
             else:
                 child.unlink()
+
+    def _wait_for_manifest(self, timeout_s: float = 600.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while not (self.out_dir / fmt.MANIFEST_NAME).exists():
+            if time.monotonic() > deadline:
+                raise BuildStateError(f"another process is finalizing {str(self.out_dir)!r} but wrote no manifest "
+                                      f"within {timeout_s}s; rerun the build to finish it")
+            time.sleep(0.1)
+        return fmt.load_manifest(self.out_dir)
 
     def _wait_for_state(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -224,10 +235,18 @@ class CacheWriter:
 
     def finalize(self, extra_fields: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """Write manifest.json if every shard is journaled; return it (None if shards are missing)."""
-        if self.already_complete:
+        manifest_path = self.out_dir / fmt.MANIFEST_NAME
+        if self.already_complete or manifest_path.exists():
             return fmt.load_manifest(self.out_dir)
         if not self.is_complete():
-            return None
+            # Another rank may have finalized (and removed the journal) between the two checks.
+            return fmt.load_manifest(self.out_dir) if manifest_path.exists() else None
+        # Several ranks may see "all shards journaled" at once: one writes the manifest, the others wait for it.
+        lock = self.state_dir / "finalize.lock"
+        try:
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except (FileExistsError, FileNotFoundError):
+            return self._wait_for_manifest()
         layout = self.layout
         entries = [json.loads(self._journal_path(i).read_text()) for i in range(layout.num_shards)]
         shards = {

@@ -169,3 +169,25 @@ def test_multi_rank_writers_split_shards(tmp_path):
     assert w1.finalize() is not None
     with pytest.raises(ValueError, match="must not write shard"):
         w0.write_shard(1, {})
+
+
+def test_concurrent_finalize_writes_one_manifest(tmp_path):
+    """Two ranks that both see every shard journaled: one writes the manifest, the other waits for it."""
+    import threading
+
+    layout = fmt.CacheLayout(num_sequences=4, seq_len=3, topk=2, vocab_size=10, shard_seqs=2, chunk_seqs=2)
+    arrays = synthetic_arrays(4, 3, 2, 10)
+    writers = [CacheWriter(tmp_path / "c", layout, settings={}, rank=r, world_size=2) for r in range(2)]
+    for w in writers:
+        for i in w.pending_shards():
+            a, b = layout.shard_range(i)
+            w.write_shard(i, {k: v[a:b] for k, v in arrays.items()})
+    results = [None, None]
+    threads = [threading.Thread(target=lambda r=r: results.__setitem__(r, writers[r].finalize())) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] is not None and results[1] is not None
+    assert results[0]["shards"] == results[1]["shards"]
+    assert fmt.load_manifest(tmp_path / "c")["num_shards"] == 2
