@@ -1,0 +1,282 @@
+"""Benchmark the fused sparse-KD + CE loss against F.cross_entropy alone and the naive reference.
+
+Shape notation: N rows (B·T), V vocabulary, K teacher top-k, H hidden size.
+
+Measures fwd, bwd and fwd+bwd wall time (medians over interleaved repetitions A, B, C, A, B, C, ...) and
+peak memory of:
+
+    ce         F.cross_entropy(logits, labels)                         (the cost to match)
+    kd_fused   kd_loss(ce_weight=1, forward_kl, tail=bucket), fused backend (torch on CPU, triton on CUDA)
+    reference  the naive kd_loss_reference (full log_softmax + masks + autograd)
+
+and the fused-linear variant (kd_loss_from_hidden) vs materialized logits (hidden @ Wᵀ then kd_loss).
+
+Peak memory, CPU: the process's peak resident set (VmHWM in /proc/self/status) is reset through
+/proc/self/clear_refs before each measured fwd+bwd and read after it, minus the resident size before.
+glibc serves every allocation above its mmap threshold (at most 32 MiB) with mmap, so freed [N, V] tensors
+really leave the resident set, and the number is what the OS had to provide: every buffer (the logits'
+gradient, temporaries, heap growth from chunk temporaries, allocator slack) counts, nothing is modelled. CUDA: torch.cuda peak
+allocated bytes. Correctness (values and gradients vs the reference) is checked before any timing.
+
+Usage:
+    python benchmarks/bench_loss.py --quick               # [4096, 32000] fp32 on CPU (+ CUDA shape if present)
+    python benchmarks/bench_loss.py --rows 2048 --vocab 50000 --repeats 9
+The last stdout line is one JSON object; rows are appended to benchmarks/results/bench_loss.csv and the
+summary written to benchmarks/results/bench_loss.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kdlib.losses import kd_loss, kd_loss_from_hidden, kd_loss_reference  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _status_mb(field: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024.0
+
+
+class PeakMemory:
+    """Peak extra memory (MB) of a block: CUDA peak allocated, or CPU peak RSS via VmHWM reset."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_mb = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated() / 2**20
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = _status_mb("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20 - self.base
+        else:
+            self.peak_mb = _status_mb("VmHWM") - self.base
+
+
+def make_inputs(n, vocab, k, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = (torch.randn(n, vocab, generator=g) * 2).to(device=device, dtype=dtype)
+    topk_logprobs = torch.log_softmax(torch.randn(n, k, generator=g) * 3, -1) - 0.05  # sorted below
+    topk_logprobs = topk_logprobs.sort(-1, descending=True).values.to(device=device, dtype=torch.float16)
+    topk_ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(min(n, 64))])
+    topk_ids = topk_ids.repeat((n + 63) // 64, 1)[:n].to(device=device, dtype=torch.int32)
+    labels = torch.randint(0, vocab, (n,), generator=g).to(device)
+    labels[::17] = -100
+    return logits, topk_ids, topk_logprobs, labels
+
+
+def methods(backend):
+    def ce(z, ids, lps, labels):
+        return F.cross_entropy(z, labels, ignore_index=-100)
+
+    def fused(z, ids, lps, labels):
+        return kd_loss(z, ids, lps, labels=labels, ce_weight=1.0, kd_weight=1.0, divergence="forward_kl",
+                       tail="bucket", backend=backend)
+
+    def reference(z, ids, lps, labels):
+        return kd_loss_reference(z, ids, lps, labels=labels, ce_weight=1.0, kd_weight=1.0)
+
+    return {"ce": ce, "kd_fused": fused, "reference": reference}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_once(fn, logits, args, device):
+    z = logits.detach().requires_grad_(True)
+    sync(device)
+    t0 = time.perf_counter()
+    loss = fn(z, *args)
+    sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    sync(device)
+    t2 = time.perf_counter()
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+def peak_once(fn, logits, args, device):
+    z = logits.detach().requires_grad_(True)
+    with PeakMemory(device) as mem:
+        loss = fn(z, *args)
+        loss.backward()
+        del loss
+        z.grad = None
+    return mem.peak_mb
+
+
+def check_correct(fns, logits, args, dtype):
+    grads, values = {}, {}
+    for name in ("kd_fused", "reference"):
+        z = logits.detach().requires_grad_(True)
+        loss = fns[name](z, *args)
+        loss.backward()
+        values[name], grads[name] = loss.item(), z.grad.float()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    dv = abs(values["kd_fused"] - values["reference"])
+    dg = (grads["kd_fused"] - grads["reference"]).abs().max().item() / grads["reference"].abs().max().item()
+    if dv > tol * max(1.0, abs(values["reference"])) or dg > tol:
+        raise SystemExit(f"fused loss disagrees with the reference: |dvalue|={dv:.3g}, rel |dgrad|={dg:.3g}")
+    return dv, dg
+
+
+def bench_shape(n, vocab, k, dtype, device, backend, repeats, with_reference=True):
+    logits, ids, lps, labels = make_inputs(n, vocab, k, dtype, device)
+    fns = methods(backend)
+    if not with_reference:
+        fns.pop("reference")
+    if with_reference:
+        check_correct(fns, logits, (ids, lps, labels), dtype)
+    args = (ids, lps, labels)
+    for fn in fns.values():  # warm-up
+        time_once(fn, logits, args, device)
+    times = {name: ([], []) for name in fns}
+    for _ in range(repeats):  # interleaved: ce, fused, reference, ce, fused, reference, ...
+        for name, fn in fns.items():
+            f, b = time_once(fn, logits, args, device)
+            times[name][0].append(f)
+            times[name][1].append(b)
+    peaks = {name: statistics.median(peak_once(fn, logits, args, device) for _ in range(3))
+             for name, fn in fns.items()}
+    out = {}
+    for name in fns:
+        fwd, bwd = times[name]
+        out[name] = dict(fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd),
+                         fwd_bwd_ms=statistics.median([a + b for a, b in zip(fwd, bwd)]), peak_mb=peaks[name])
+    return out
+
+
+def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size):
+    g = torch.Generator(device="cpu").manual_seed(1)
+    hidden = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype)
+    weight = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(device=device, dtype=dtype)
+    _, ids, lps, labels = make_inputs(n, vocab, k, dtype, device)
+
+    def materialized(h, w):
+        return kd_loss(h @ w.t(), ids, lps, labels=labels, ce_weight=1.0, backend=backend)
+
+    def from_hidden(h, w):
+        return kd_loss_from_hidden(h, w, ids, lps, labels=labels, ce_weight=1.0, backend=backend,
+                                   chunk_size=chunk_size)
+
+    res = {}
+    for name, fn in (("materialized", materialized), ("from_hidden", from_hidden)):
+        h = hidden.detach().requires_grad_(True)
+        w = weight.detach().requires_grad_(True)
+        loss = fn(h, w)
+        loss.backward()
+        res[name + "_value"] = loss.item()
+        res[name + "_grads"] = (h.grad.float(), w.grad.float())
+        peaks, times = [], []
+        for _ in range(2):
+            h = hidden.detach().requires_grad_(True)
+            w = weight.detach().requires_grad_(True)
+            t0 = time.perf_counter()
+            with PeakMemory(device) as mem:
+                loss = fn(h, w)
+                loss.backward()
+                del loss
+                h.grad = w.grad = None
+            times.append((time.perf_counter() - t0) * 1e3)
+            peaks.append(mem.peak_mb)
+        res[name] = dict(peak_mb=min(peaks), fwd_bwd_ms=min(times))
+    rel = max((a - b).abs().max().item() / a.abs().max().item()
+              for a, b in zip(res["materialized_grads"], res["from_hidden_grads"]))
+    if abs(res["materialized_value"] - res["from_hidden_value"]) > 1e-4 or rel > 1e-3:
+        raise SystemExit(f"fused-linear disagrees with materialized logits (rel grad err {rel:.3g})")
+    return {k: v for k, v in res.items() if k in ("materialized", "from_hidden")}
+
+
+def machine_info(device):
+    info = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                cpus=os.cpu_count())
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few repetitions of the default shapes")
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--topk", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--hidden", type=int, default=256, help="H of the fused-linear comparison")
+    parser.add_argument("--chunk-size", type=int, default=512, help="rows per chunk of kd_loss_from_hidden")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 15)
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+    runs = [("cpu", args.rows, args.vocab, torch.float32, "torch")]
+    if torch.cuda.is_available():
+        runs.append(("cuda", 8192, 128256, torch.bfloat16, "auto"))
+    rows, summary = [], {}
+    for dev_name, n, vocab, dtype, backend in runs:
+        device = torch.device(dev_name)
+        print(f"[bench_loss] {dev_name} N={n} V={vocab} K={args.topk} {dtype}, {repeats} interleaved repeats",
+              flush=True)
+        res = bench_shape(n, vocab, args.topk, dtype, device, backend, repeats)
+        lin = bench_fused_linear(n, args.hidden, vocab, args.topk, dtype, device, backend, args.chunk_size)
+        for name, r in {**res, **{f"linear_{k}": v for k, v in lin.items()}}.items():
+            print(f"  {name:22s} " + "  ".join(f"{k}={v:9.1f}" for k, v in r.items()), flush=True)
+            rows.append(dict(timestamp=stamp, device=dev_name, rows=n, vocab=vocab, topk=args.topk,
+                             dtype=str(dtype).replace("torch.", ""), method=name, **r,
+                             machine=json.dumps(machine_info(device)), command=command))
+        summary[dev_name] = dict(
+            time_ratio_vs_ce=res["kd_fused"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
+            fwd_time_ratio_vs_ce=res["kd_fused"]["fwd_ms"] / res["ce"]["fwd_ms"],
+            bwd_time_ratio_vs_ce=res["kd_fused"]["bwd_ms"] / res["ce"]["bwd_ms"],
+            peak_mem_ratio_vs_ce=res["kd_fused"]["peak_mb"] / res["ce"]["peak_mb"],
+            time_ratio_reference_vs_ce=res["reference"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
+            peak_mem_ratio_reference_vs_ce=res["reference"]["peak_mb"] / res["ce"]["peak_mb"],
+            fused_linear_peak_mem_ratio_vs_materialized=lin["from_hidden"]["peak_mb"] / lin["materialized"]["peak_mb"],
+            fused_linear_time_ratio_vs_materialized=lin["from_hidden"]["fwd_bwd_ms"] / lin["materialized"]["fwd_bwd_ms"],
+        )
+    csv_path = RESULTS / "bench_loss.csv"
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    final = dict(summary["cpu"], shape=[args.rows, args.vocab], dtype="float32", device="cpu",
+                 cuda=summary.get("cuda"), command=command)
+    (RESULTS / "bench_loss.json").write_text(json.dumps(final, indent=2) + "\n")
+    print(f"[bench_loss] wrote {csv_path} and {RESULTS / 'bench_loss.json'}", flush=True)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()}))
+
+
+if __name__ == "__main__":
+    main()

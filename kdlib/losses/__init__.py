@@ -1,0 +1,28 @@
+"""Sparse knowledge-distillation losses on cached teacher top-k log-probs, fused with cross-entropy.
+
+Public API:
+
+* :func:`kd_loss` — the loss on student logits [..., V] (fused PyTorch on CPU, Triton on CUDA).
+* :class:`KDLoss` — ``nn.Module`` holding the keyword configuration.
+* :func:`kd_loss_from_batch` — takes the teacher tensors from a cache-reader batch.
+* :func:`kd_loss_from_hidden` — from hidden states and the LM head, never materializing [N, V].
+* :func:`kd_loss_reference` — the naive implementation every backend is tested against.
+
+See docs/LOSSES.md for every formula, its gradient and the mapping to peers' conventions.
+"""
+
+from .api import KDLoss, kd_loss, kd_loss_from_batch, lse_key_for_temperature
+from .fused_linear import kd_loss_from_hidden
+from .reference import kd_loss_reference
+from .sparse_math import DIVERGENCES, TAILS
+
+__all__ = [
+    "DIVERGENCES",
+    "KDLoss",
+    "TAILS",
+    "kd_loss",
+    "kd_loss_from_batch",
+    "kd_loss_from_hidden",
+    "kd_loss_reference",
+    "lse_key_for_temperature",
+]

@@ -1,0 +1,97 @@
+"""Naive PyTorch reference for every kd_loss mode: full log_softmax, gathers, autograd for gradients.
+
+Shape notation:
+    N: rows, V: vocabulary, K: teacher top-k.
+
+Written for clarity, not speed: it materializes [N, V] log-probabilities (and a dense teacher for
+``renormalize``) so that it checks the fused backends by a different route. In particular the student's
+tail mass is an explicit masked logsumexp over the complement of S, and ``renormalize`` sums the
+per-id terms over the whole vocabulary instead of using the tail-category shortcut.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ._inputs import LossConfig, flatten_targets, teacher_side
+from .sparse_math import LOG_TAIL_FLOOR
+
+__all__ = ["kd_loss_reference"]
+
+
+def _f(divergence: str, t: torch.Tensor, s: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-category divergence term with teacher mass t and student mass s (0 log 0 = 0)."""
+    if divergence == "forward_kl":
+        return torch.xlogy(t, t) - torch.xlogy(t, s)
+    if divergence == "reverse_kl":
+        return torch.xlogy(s, s) - torch.xlogy(s, t)
+    if divergence == "jsd":
+        m = beta * t + (1 - beta) * s
+        return beta * (torch.xlogy(t, t) - torch.xlogy(t, m)) + (1 - beta) * (torch.xlogy(s, s) - torch.xlogy(s, m))
+    return 0.5 * (t - s).abs()
+
+
+def kd_loss_reference(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
+    kd_weight: float = 1.0,
+    temperature: float = 1.0,
+    divergence: str = "forward_kl",
+    tail: str = "bucket",
+    tau_squared: bool = True,
+    ignore_index: int = -100,
+    beta: float = 0.5,
+    teacher_lse: torch.Tensor | None = None,
+    teacher_lse_at_temperature: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Same contract as :func:`kdlib.kd_loss` (see its docstring for every mode), computed naively."""
+    config = LossConfig(ce_weight, kd_weight, temperature, divergence, tail, tau_squared, ignore_index, beta,
+                        reduction)
+    vocab = student_logits.shape[-1]
+    lead = tuple(student_logits.shape[:-1])
+    flat = flatten_targets(lead, vocab, student_logits.device, topk_ids, topk_logprobs, labels, teacher_lse,
+                           teacher_lse_at_temperature, config)
+    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    z = student_logits.reshape(-1, vocab).to(dtype)  # [N, V]
+    n = z.shape[0]
+    div = config.effective_divergence
+    beta = float(beta)
+
+    logp = torch.log_softmax(z / temperature, dim=-1)  # [N, V]
+    logp_s = logp.gather(-1, flat.topk_ids)  # [N, K]
+    p_s = logp_s.exp()
+    logq, log_tq = teacher_side(flat, config, dtype)
+    q = logq.exp()  # [N, K]
+
+    if tail == "none" or (tail == "renormalize" and div == "reverse_kl"):
+        d = _f(div, q, p_s, beta).sum(-1)
+    elif tail == "bucket":
+        in_support = torch.zeros_like(logp, dtype=torch.bool).scatter_(-1, flat.topk_ids, True)
+        log_student_tail = torch.logsumexp(logp.masked_fill(in_support, -math.inf), dim=-1)
+        student_tail = log_student_tail.clamp_min(LOG_TAIL_FLOOR).exp()
+        d = _f(div, q, p_s, beta).sum(-1) + _f(div, log_tq.exp(), student_tail, beta)
+    else:  # renormalize: dense teacher over the full vocabulary, zero outside S
+        q_dense = torch.zeros_like(logp).scatter_(-1, flat.topk_ids, q)
+        d = _f(div, q_dense, logp.exp(), beta).sum(-1)
+
+    valid = flat.valid
+    zero = torch.zeros((), dtype=dtype, device=z.device)
+    rows = torch.where(valid, kd_weight * (temperature**2 if tau_squared else 1.0) * d, zero)
+    if ce_weight > 0:
+        safe_labels = torch.where(valid, flat.labels, 0)
+        ce = F.cross_entropy(z, safe_labels, reduction="none")
+        rows = rows + torch.where(valid, ce_weight * ce, zero)
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1)

@@ -1,0 +1,124 @@
+"""kd_loss_from_hidden vs kd_loss on materialized logits: values, grads, and no [N, V] allocation.
+
+Shape notation: N rows, H hidden, V vocabulary, K teacher top-k.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import kdlib
+
+# (N, H, V, K, chunk_size)
+SHAPES = ((37, 16, 301, 8, 8), (5, 4, 50, 50, 2), (9, 8, 77, 1, 16))
+
+
+def make(n, hdim, vocab, k, dtype=torch.float32, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, hdim, generator=g, dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, hdim, generator=g, dtype=torch.float64) / hdim**0.5).to(dtype).requires_grad_(True)
+    b = (torch.randn(vocab, generator=g, dtype=torch.float64) * 0.1).to(dtype).requires_grad_(True) if bias else None
+    teacher = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2
+    logprobs, ids = torch.log_softmax(teacher, -1).topk(k)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::4] = -100
+    return dict(hidden=hidden, weight=weight, bias=b, ids=ids.int(), logprobs=logprobs.float(), labels=labels,
+                lse=torch.logsumexp(teacher, -1).float(), lse_t2=torch.logsumexp(teacher / 2, -1).float())
+
+
+def both(c, grad_scale=1.0, **kw):
+    params = [p for p in (c["hidden"], c["weight"], c["bias"]) if p is not None]
+    chunk = kw.pop("chunk_size", 8)
+    common = dict(labels=c["labels"], teacher_lse=c["lse"], teacher_lse_at_temperature=c["lse_t2"], **kw)
+    logits = c["hidden"] @ c["weight"].t()
+    if c["bias"] is not None:
+        logits = logits + c["bias"]
+    ref = kdlib.kd_loss(logits, c["ids"], c["logprobs"], backend="torch", **common)
+    ref_grads = torch.autograd.grad(ref * grad_scale, params)
+    out = kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], lm_head_bias=c["bias"],
+                                    chunk_size=chunk, backend="torch", **common)
+    out_grads = torch.autograd.grad(out * grad_scale, params)
+    return (ref, *ref_grads), (out, *out_grads)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("divergence,tail,temperature", [
+    ("forward_kl", "bucket", 1.0), ("forward_kl", "bucket", 2.0), ("reverse_kl", "renormalize", 2.0),
+    ("jsd", "none", 2.0), ("tvd", "bucket", 1.0)])
+def test_from_hidden_matches_materialized(shape, divergence, tail, temperature):
+    n, hdim, vocab, k, chunk = shape
+    c = make(n, hdim, vocab, k)
+    ref, out = both(c, grad_scale=1.7, divergence=divergence, tail=tail, temperature=temperature, ce_weight=0.5,
+                    chunk_size=chunk)
+    for a, b in zip(ref, out):
+        torch.testing.assert_close(b.float(), a.float(), rtol=2e-5, atol=2e-6)
+
+
+def test_from_hidden_bf16_and_sum_reduction():
+    c = make(24, 16, 211, 8, dtype=torch.bfloat16, bias=False)
+    ref, out = both(c, ce_weight=1.0, reduction="sum", chunk_size=5)
+    torch.testing.assert_close(out[0], ref[0], rtol=1e-4, atol=1e-4)
+    for a, b in zip(ref[1:], out[1:]):
+        assert b.dtype == torch.bfloat16
+        assert (a.float() - b.float()).abs().max() <= 3e-2 * a.float().abs().max()
+
+
+def test_from_hidden_gradcheck_float64():
+    c = make(6, 3, 13, 4, dtype=torch.float64)
+
+    def fn(hidden, weight, bias):
+        return kdlib.kd_loss_from_hidden(hidden, weight, c["ids"], c["logprobs"], lm_head_bias=bias,
+                                         labels=c["labels"], ce_weight=0.3, temperature=2.0, teacher_lse=c["lse"],
+                                         teacher_lse_at_temperature=c["lse_t2"], chunk_size=4, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, (c["hidden"], c["weight"], c["bias"]), eps=1e-6, atol=1e-7)
+
+
+def test_from_hidden_all_ignored():
+    c = make(6, 4, 20, 3)
+    c["labels"][:] = -100
+    loss = kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], labels=c["labels"],
+                                     ce_weight=1.0, chunk_size=4)
+    gh, gw = torch.autograd.grad(loss, (c["hidden"], c["weight"]))
+    assert loss.item() == 0.0 and not gh.any() and not gw.any()
+
+
+class LargestFreshAllocation(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_from_hidden_never_allocates_n_by_v():
+    n, hdim, vocab, chunk = 256, 16, 1000, 16
+    c = make(n, hdim, vocab, 8, bias=False)
+    with LargestFreshAllocation() as mode:
+        loss = kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], labels=c["labels"],
+                                         ce_weight=0.5, temperature=2.0, teacher_lse=c["lse"],
+                                         teacher_lse_at_temperature=c["lse_t2"], chunk_size=chunk)
+        torch.autograd.grad(loss, (c["hidden"], c["weight"]))
+    # chunk logits / chunk gradient [16, V] and the [V, H] weight gradient; never [N, V]
+    assert mode.largest <= max(chunk * vocab, vocab * hdim)
+    assert mode.largest < n * vocab // 8
+
+
+def test_from_hidden_errors():
+    c = make(4, 4, 20, 3)
+    with pytest.raises(ValueError, match="lm_head_weight must be"):
+        kdlib.kd_loss_from_hidden(c["hidden"], c["weight"][:, :3], c["ids"], c["logprobs"])
+    with pytest.raises(ValueError, match="reduction"):
+        kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], reduction="none")
+    with pytest.raises(ValueError, match="needs labels"):
+        kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], ce_weight=1.0)
