@@ -22,8 +22,9 @@ from .sparse_math import LOG_TAIL_FLOOR
 
 __all__ = ["RowStats", "row_stats", "write_grad", "chunk_rows_for"]
 
-# Elements per row chunk: ~1 MB of fp32, small enough for L2, large enough for intra-op threads.
-CHUNK_ELEMENTS = 1 << 18
+# Elements per row chunk: ~32 MB of fp32. Few, large ops: each op is an OpenMP barrier, and on a busy
+# CPU thousands of small-chunk barriers cost more than the cache locality of L2-sized chunks gains.
+CHUNK_ELEMENTS = 1 << 23
 
 
 class RowStats(NamedTuple):

@@ -1,0 +1,137 @@
+"""The training integrations end to end: plain loop (+ resume), KDTrainer, accelerate with 2 gloo processes."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kdlib
+from kdlib.integrations import distill_loss
+from tests.cachefactory import make_synthetic_cache
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+
+
+def _example(name: str):
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
+    return importlib.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    root = tmp_path_factory.mktemp("integration")
+    path, arrays = make_synthetic_cache(root / "cache", num_sequences=24, seq_len=16, topk=4, vocab_size=96,
+                                        temperatures=(2.0,), shard_seqs=8, chunk_seqs=4, seed=2)
+    return kdlib.open_cache(path, decode_dir=root / "decoded"), arrays
+
+
+def test_plain_loop_trains_and_resumes_without_repeats(tmp_path):
+    train_plain = _example("train_plain")
+    seen = tmp_path / "seen.jsonl"
+    ckpt = tmp_path / "ckpt.pt"
+    common = ["--workdir", str(tmp_path), "--batch-size", "8", "--seen-file", str(seen), "--checkpoint", str(ckpt)]
+    first = train_plain.main(["--steps", "4", *common])
+    second = train_plain.main(["--steps", "6", "--resume", "--num-workers", "1", *common])
+    assert second["last_loss"] < first["first_loss"]  # it learns from the cache
+    runs = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert len(runs[0]) == 32 and len(runs[1]) == 48
+    all_seen = runs[0] + runs[1]
+    # 96 sequences: 10 steps x 8 = 80 samples of epoch 0, none twice, across the restart.
+    assert len(set(all_seen)) == 80
+    assert second["loader_state"]["epoch"] == 0 and second["loader_state"]["cursor"] == 80
+
+
+def test_distill_loss_raises_on_misaligned_tokens_and_vocab(small_cache):
+    cache, _ = small_cache
+    batch = next(iter(kdlib.make_loader(cache, 4)))
+    logits = torch.randn(4, 16, 96, requires_grad=True)
+    loss = distill_loss(logits, batch, ce_weight=0.5, temperature=2.0)
+    direct = kdlib.kd_loss(logits, batch["topk_ids"], batch["topk_logprobs"], labels=batch["labels"],
+                           ce_weight=0.5, temperature=2.0, teacher_lse=batch["lse"],
+                           teacher_lse_at_temperature=batch["lse_t2"])
+    torch.testing.assert_close(loss, direct)
+    wrong = batch["input_ids"].long().clone()
+    wrong[1, 7] = (wrong[1, 7] + 1) % 96
+    with pytest.raises(kdlib.AlignmentError, match=r"1 of 64 positions; first at \(sequence 1, position 7\)"):
+        distill_loss(logits, batch, student_input_ids=wrong)
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 128 entries but the cache's teacher had 96"):
+        distill_loss(torch.randn(4, 16, 128), batch)
+
+
+def _trainer(reader, train_dataset, tmp_path, **kw):
+    from transformers import TrainingArguments
+
+    from kdlib.integrations.hf_trainer import KDTrainer
+
+    model = _example("_example_utils").tiny_gpt_student(reader.vocab_size, reader.seq_len, layers=1, d_model=32)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             remove_unused_columns=True, seed=0)
+    return KDTrainer(model=model, args=args, train_dataset=train_dataset, kd_kwargs={"ce_weight": 0.2}, **kw)
+
+
+def test_kd_trainer_uses_kd_loss_on_the_cache_batch(small_cache, tmp_path):
+    from kdlib.losses import kd_loss_from_batch
+
+    cache, _ = small_cache
+    dataset = kdlib.CacheDataset(cache)
+    trainer = _trainer(cache, dataset, tmp_path)
+    assert trainer.args.remove_unused_columns is False  # forced, or the teacher columns would be dropped
+    batch = trainer.data_collator(dataset.__getitems__([3, 1, 4, 1]))
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    logits = trainer.model(input_ids=batch["input_ids"].long()).logits
+    torch.testing.assert_close(loss, kd_loss_from_batch(logits, batch, ce_weight=0.2))
+    output = trainer.train()
+    assert trainer.state.global_step == 3 and torch.isfinite(torch.tensor(output.training_loss))
+
+
+class _IndexedTokens(torch.utils.data.Dataset):
+    """A user's own dataset: tokens plus the cache index of each row (optionally misaligned)."""
+
+    def __init__(self, tokens: torch.Tensor, shift: int = 0) -> None:
+        self.tokens, self.shift = tokens, shift
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.tokens[(i + self.shift) % len(self.tokens)].long(), "sample_indices": i}
+
+
+def test_kd_trainer_looks_up_by_index_and_catches_misalignment(small_cache, tmp_path):
+    cache, arrays = small_cache
+    tokens = torch.from_numpy(arrays["input_ids"].astype("int64"))
+    _trainer(cache, _IndexedTokens(tokens), tmp_path, cache=cache).train()
+    with pytest.raises(kdlib.AlignmentError, match="student tokens differ"):
+        _trainer(cache, _IndexedTokens(tokens, shift=1), tmp_path, cache=cache).train()
+
+
+@pytest.mark.timeout(240)
+def test_accelerate_two_cpu_processes_see_disjoint_parts(tmp_path):
+    seen_dir = tmp_path / "seen"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KDCACHE_DECODE_DIR": str(tmp_path / "d")}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(EXAMPLES / "train_accelerate.py"), "--workdir", str(tmp_path), "--seen-dir", str(seen_dir),
+           "--batch-size", "4", "--epochs", "1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=220)
+    ranks = [json.loads((seen_dir / f"rank{r}.json").read_text()) for r in range(2)
+             if (seen_dir / f"rank{r}.json").exists()]
+    assert len(ranks) == 2, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    a, b = (set(r["seen"]) for r in ranks)
+    assert not a & b  # disjoint
+    assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(96))  # 96 = 2 ranks x 4 x 12: no remainder
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 12
+    # DDP kept the replicas in sync: both ranks trained the same model, so their losses are finite and equal-length.
+    assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
