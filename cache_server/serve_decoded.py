@@ -1,0 +1,71 @@
+"""Server-side decoded shards for the Arrow row endpoint: an in-memory LRU bounded by bytes.
+
+Shape notation::
+
+    n  sequences in a shard (≤ S)   T  positions   K  top-k entries
+
+Each shard is read from disk, checked against the manifest sha256 and decoded (``format.decode_shard``) at
+most once while it stays in memory; concurrent requests for the same shard wait for one decode. Runs in
+FastAPI's thread pool (the endpoints are plain ``def``), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from cache_server import format as fmt
+from cache_server.serve_registry import RegisteredCache
+
+__all__ = ["DecodedShardLRU"]
+
+
+class DecodedShardLRU:
+    """Decoded shards [n, *trailing] kept in memory, least recently used evicted beyond ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 512 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._items: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._key_locks: dict[tuple[str, str, int], threading.Lock] = {}
+
+    def get(self, cache: RegisteredCache, array: str, shard_index: int) -> np.ndarray:
+        key = (cache.name, array, shard_index)
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+                return hit
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:  # one decode per shard even under concurrent requests
+            try:
+                with self._lock:
+                    hit = self._items.get(key)
+                    if hit is not None:
+                        return hit
+                decoded = self._decode(cache, array, shard_index)
+                with self._lock:
+                    self._items[key] = decoded
+                    self.nbytes += decoded.nbytes
+                    while self.nbytes > self.max_bytes and len(self._items) > 1:
+                        _, old = self._items.popitem(last=False)
+                        self.nbytes -= old.nbytes
+            finally:
+                with self._lock:
+                    self._key_locks.pop(key, None)
+        return decoded
+
+    @staticmethod
+    def _decode(cache: RegisteredCache, array: str, shard_index: int) -> np.ndarray:
+        path = cache.shard_path(array, shard_index)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise fmt.CorruptShardError(array, shard_index, "shard file is missing", where=cache.name) from None
+        fmt.verify_shard_bytes(raw, cache.shard_entry(array, shard_index), array, shard_index)
+        decoded = fmt.decode_shard(raw, cache.specs[array], cache.layout, shard_index)
+        decoded.setflags(write=False)
+        return decoded

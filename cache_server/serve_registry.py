@@ -1,0 +1,138 @@
+"""Caches a server exposes, registered by name at start-up.
+
+Shape notation::
+
+    N  sequences in a cache        S  sequences per shard
+    T  positions per sequence      K  top-k entries per position
+
+The registry is the only place where the server turns a request into a filesystem path, and it does so
+from the registered manifest alone: a request names a cache (looked up in a dict), an array (must be one
+of the manifest's arrays) and an integer shard index (must be in [0, num_shards)). Request text never
+becomes part of a path, and every resolved shard path is checked to stay inside its cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from cache_server import format as fmt
+
+__all__ = ["RegisteredCache", "RegistryError", "parse_cache_args", "register_cache", "register_caches"]
+
+# Names appear in URLs and metric labels: keep them boring.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Array names come from the manifest and become path components: no separators, no dot-files.
+_ARRAY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+
+
+class RegistryError(fmt.CacheError):
+    """A cache given to ``kdcache serve`` cannot be registered (bad name, duplicate, unfinished cache)."""
+
+
+@dataclass
+class RegisteredCache:
+    """One served cache: its directory, the exact manifest bytes and what the server derives from them."""
+
+    name: str
+    root: Path  # resolved cache directory
+    manifest_raw: bytes
+    manifest: dict[str, Any]
+    layout: fmt.CacheLayout
+    manifest_sha256: str = ""
+    specs: dict[str, fmt.ArraySpec] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.manifest_sha256 = hashlib.sha256(self.manifest_raw).hexdigest()
+        self.specs = {spec.name: spec for spec in self.layout.arrays()}
+
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
+
+    def shard_entry(self, array: str, shard_index: int) -> Mapping[str, Any]:
+        """The manifest's ``{"sha256", "nbytes"}`` of a shard; KeyError/IndexError when unknown."""
+        if array not in self.specs:
+            raise KeyError(array)
+        if not 0 <= shard_index < self.num_shards:
+            raise IndexError(shard_index)
+        return self.manifest["shards"][array][shard_index]
+
+    def shard_path(self, array: str, shard_index: int) -> Path:
+        """Filesystem path of a stored shard, from validated parts only (raises KeyError/IndexError)."""
+        self.shard_entry(array, shard_index)
+        spec = self.specs[array]
+        path = self.root / fmt.shard_relpath(array, int(shard_index), 1 + len(spec.trailing_shape))
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            # A symlink inside the cache pointing elsewhere: never follow it out of the registered directory.
+            raise PermissionError(f"shard path {path} resolves outside the cache directory {self.root}")
+        return resolved
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "num_sequences": self.layout.num_sequences,
+            "seq_len": self.layout.seq_len,
+            "topk": self.layout.topk,
+            "vocab_size": self.layout.vocab_size,
+            "temperatures": list(self.layout.temperatures),
+            "shard_seqs": self.layout.shard_seqs,
+            "num_shards": self.layout.num_shards,
+            "arrays": {
+                name: {"dtype": spec.dtype.name, "shape": list(spec.shape(self.layout.num_sequences))}
+                for name, spec in self.specs.items()
+            },
+            "manifest_sha256": self.manifest_sha256,
+        }
+
+
+def parse_cache_args(items: Iterable[str]) -> list[tuple[str, Path]]:
+    """``DIR`` or ``NAME=DIR`` → (name, dir). The default name is the directory's basename."""
+    out = []
+    for item in items:
+        name, sep, directory = item.partition("=")
+        if not sep or not name or os.sep in name:
+            name, directory = Path(item.rstrip("/\\") or item).name, item
+        out.append((name, Path(directory)))
+    return out
+
+
+def register_cache(name: str, cache_dir: str | os.PathLike) -> RegisteredCache:
+    """Validate a name and a finished cache directory, and read its manifest once."""
+    if not _NAME_RE.match(name) or ".." in name:
+        raise RegistryError(
+            f"cache name {name!r} is not allowed: use 1-64 letters, digits, '_', '.', '-' (no '..'), "
+            f"e.g. `kdcache serve mycache={cache_dir}`"
+        )
+    root = Path(cache_dir).resolve()
+    manifest = fmt.load_manifest(root)  # refuses missing, unfinished and foreign directories
+    raw = (root / fmt.MANIFEST_NAME).read_bytes()
+    manifest = fmt.parse_manifest(raw, source=str(root / fmt.MANIFEST_NAME))
+    layout = fmt.layout_from_manifest(manifest)
+    for array in manifest["arrays"]:
+        if not _ARRAY_RE.match(array):
+            raise RegistryError(f"{root}: manifest lists an array named {array!r}, which cannot be served")
+    expected = {spec.name for spec in layout.arrays()}
+    if set(manifest["shards"]) != expected or any(len(manifest["shards"][a]) != layout.num_shards for a in expected):
+        raise RegistryError(f"{root}: manifest shard table does not match its layout; the cache is damaged")
+    return RegisteredCache(name=name, root=root, manifest_raw=raw, manifest=manifest, layout=layout)
+
+
+def register_caches(items: Iterable[tuple[str, str | os.PathLike]]) -> dict[str, RegisteredCache]:
+    """Register several caches; duplicate names are refused."""
+    caches: dict[str, RegisteredCache] = {}
+    for name, directory in items:
+        if name in caches:
+            raise RegistryError(
+                f"two caches are named {name!r} ({caches[name].root} and {Path(directory).resolve()}); "
+                "pick names with NAME=DIR"
+            )
+        caches[name] = register_cache(name, directory)
+    if not caches:
+        raise RegistryError("no caches to serve: pass at least one cache directory")
+    return caches

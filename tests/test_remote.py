@@ -1,0 +1,277 @@
+"""kdlib.remote against a real `kdcache serve` subprocess: parity with the local reader, auth, LRU, workers."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import kdlib
+from kdlib.reader import LocalCache
+from kdlib.remote import RemoteCache, RemoteError
+from tests.cachefactory import make_synthetic_cache
+from tests.serverproc import ServerProcess
+
+TOKEN = "remote-test-token"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("remote")
+    cache_dir, arrays = make_synthetic_cache(
+        root / "teacher", num_sequences=27, seq_len=12, topk=5, vocab_size=200, temperatures=(2.0, 0.5),
+        shard_seqs=6, chunk_seqs=3, seed=3,
+    )
+    wide_dir, wide_arrays = make_synthetic_cache(
+        root / "wide", num_sequences=5, seq_len=6, topk=3, vocab_size=66000, shard_seqs=2, chunk_seqs=1, seed=4,
+    )
+    server = ServerProcess([str(cache_dir), str(wide_dir)], token=TOKEN, token_dir=root).start()
+    yield {"root": root, "dir": cache_dir, "arrays": arrays, "wide_dir": wide_dir, "server": server}
+    server.stop()
+
+
+def remote(world, name="teacher", sub="dec", **kwargs):
+    kwargs.setdefault("token", TOKEN)
+    return RemoteCache(world["server"].cache_url(name), shard_cache_dir=world["root"] / sub, **kwargs)
+
+
+def assert_batches_equal(got, want):
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype, key
+        assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("name", ["teacher", "wide"])
+def test_parity_every_row_every_array(world, name, tmp_path):
+    local = LocalCache(world["dir"] if name == "teacher" else world["wide_dir"], decode_dir=tmp_path / "local")
+    with remote(world, name, sub=f"parity-{name}") as cache:
+        assert (cache.num_sequences, cache.seq_len, cache.topk, cache.temperatures) == (
+            local.num_sequences, local.seq_len, local.topk, local.temperatures)
+        everything = list(local.store.specs)
+        assert cache.position_arrays() == local.position_arrays()
+        for widen in (False, True):
+            for start in range(0, local.num_sequences, 4):  # batches crossing shard boundaries
+                stop = min(start + 4, local.num_sequences)
+                assert_batches_equal(cache.read(start, stop, widen=widen), local.read(start, stop, widen=widen))
+                assert_batches_equal(cache.read(start, stop, arrays=everything), local.read(start, stop, arrays=everything))
+        order = np.random.default_rng(0).permutation(local.num_sequences)
+        assert_batches_equal(cache.lookup(order, arrays=everything), local.lookup(order, arrays=everything))
+        assert_batches_equal(cache.sequence_stats(), local.sequence_stats())
+        assert cache.source.stats["corrupt_transfers"] == 0
+
+
+def test_parity_with_written_arrays_including_temperatures(world):
+    with remote(world, sub="written") as cache:
+        batch = cache.read(0, cache.num_sequences, arrays=list(world["arrays"]))
+    for key, expected in world["arrays"].items():
+        np.testing.assert_array_equal(batch[key].numpy().astype(expected.dtype), expected, err_msg=key)
+    assert {"lse_t2", "lse_t0.5"} <= set(batch)
+
+
+def test_open_cache_dispatch_and_env_token(world, monkeypatch):
+    monkeypatch.setenv("KDCACHE_TOKEN", TOKEN)
+    cache = kdlib.open_cache(world["server"].cache_url("teacher"), shard_cache_dir=world["root"] / "env")
+    assert isinstance(cache, RemoteCache)
+    assert cache.read(0, 2)["topk_ids"].shape == (2, 12, 5)
+
+
+@pytest.mark.parametrize("token", [None, "wrong"])
+def test_bad_token_is_a_clear_error(world, monkeypatch, token):
+    monkeypatch.delenv("KDCACHE_TOKEN", raising=False)
+    with pytest.raises(RemoteError, match="refused the token.*KDCACHE_TOKEN"):
+        remote(world, token=token, max_retries=0) if token else RemoteCache(
+            world["server"].cache_url("teacher"), shard_cache_dir=world["root"] / "none")
+
+
+def test_unknown_cache_and_bad_url(world):
+    with pytest.raises(RemoteError, match="HTTP 404"):
+        remote(world, name="nope")
+    with pytest.raises(ValueError, match="not a cache URL"):
+        RemoteCache(world["server"].base_url + "/v1/caches/../etc", token=TOKEN)
+
+
+def test_unreachable_server_gives_up_with_context(world):
+    from tests.serverproc import free_port
+
+    with pytest.raises(RemoteError, match="after 3 attempts.*kdcache serve"):
+        RemoteCache(f"http://127.0.0.1:{free_port()}/v1/caches/teacher", token=TOKEN, max_retries=2,
+                    backoff_s=0.01, shard_cache_dir=world["root"] / "unreach")
+
+
+def test_lru_size_limit(world, tmp_path):
+    local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
+    decoded_shard_bytes = 6 * 12 * 5 * 2 + 128  # topk_ids: S*T*K*2 bytes + .npy header
+    limit = 3 * decoded_shard_bytes
+    with remote(world, sub="lru", shard_cache_bytes=limit, readahead=0) as cache:
+        for _ in range(2):
+            for start in range(0, cache.num_sequences, 5):
+                stop = min(start + 5, cache.num_sequences)
+                assert_batches_equal(cache.read(start, stop, arrays=["topk_ids"]),
+                                     local.read(start, stop, arrays=["topk_ids"]))
+                assert cache.store.decoded_bytes() <= limit + decoded_shard_bytes
+        assert cache.store.evicted > 0
+
+
+def test_prefetch_runs_ahead(world):
+    with remote(world, sub="prefetch", readahead=2) as cache:
+        cache.read(0, 6)
+        cache.read(6, 12)  # sequential: shards 2 and 3 are prefetched in the background
+        if cache._readahead_thread is not None:
+            cache._readahead_thread.join(5)
+        cache.store.wait_prefetch()
+        assert cache.store.is_decoded("topk_ids", 2) and cache.store.is_decoded("topk_ids", 3)
+
+
+def test_pickle_roundtrip(world):
+    with remote(world, sub="pickle") as cache:
+        cache.read(0, 3)
+        clone = pickle.loads(pickle.dumps(cache))
+        assert_batches_equal(clone.read(20, 27), cache.read(20, 27))
+
+
+def _child_read(cache, queue):
+    try:
+        batch = cache.read(7, 19)
+        queue.put({k: v.numpy() for k, v in batch.items()})
+    except BaseException as exc:  # report to the parent instead of dying silently
+        queue.put(repr(exc))
+
+
+def test_forked_worker_uses_its_own_http_client(world):
+    with remote(world, sub="fork") as cache:
+        cache.read(0, 1)  # parent now has a live httpx client and pool
+        parent_client = cache.source._client
+        ctx = mp.get_context("fork")
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=_child_read, args=(cache, queue)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(30)
+        expected = {k: v.numpy() for k, v in cache.read(7, 19).items()}
+        assert cache.source._client is parent_client
+    for result in results:
+        assert isinstance(result, dict), result
+        for key in expected:
+            np.testing.assert_array_equal(result[key], expected[key])
+
+
+class _Sequences(torch.utils.data.Dataset):
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __len__(self):
+        return len(self.cache)
+
+    def __getitem__(self, i):
+        return self.cache.read(i, i + 1)["topk_logprobs"][0]
+
+
+def test_dataloader_workers(world, tmp_path):
+    local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
+    with remote(world, sub="loader") as cache:
+        loader = torch.utils.data.DataLoader(_Sequences(cache), batch_size=4, num_workers=2)
+        got = torch.cat(list(loader))
+    assert torch.equal(got, local.read(0, local.num_sequences)["topk_logprobs"])
+
+
+class CuttingProxy:
+    """A real TCP relay to the server that drops the connection halfway through the first shard's body."""
+
+    def __init__(self, target_port: int, body_fraction: float = 0.5) -> None:
+        import socket
+        import threading
+
+        self.target_port = target_port
+        self.body_fraction = body_fraction
+        self.cuts = 0
+        self._armed = True
+        self._lock = threading.Lock()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client) -> None:
+        import socket
+        import threading
+
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        state = {"shard_request": False}
+
+        def client_to_upstream() -> None:
+            try:
+                while data := client.recv(65536):
+                    if b"/shards/" in data:
+                        with self._lock:
+                            if self._armed:
+                                self._armed = False
+                                state["shard_request"] = True
+                    upstream.sendall(data)
+            except OSError:
+                pass
+
+        threading.Thread(target=client_to_upstream, daemon=True).start()
+        pending = b""
+        try:
+            while data := upstream.recv(65536):
+                if not state["shard_request"]:
+                    client.sendall(data)
+                    continue
+                pending += data
+                head_end = pending.find(b"\r\n\r\n")
+                if head_end < 0:
+                    continue
+                head = pending[:head_end].decode("latin-1").lower()
+                length = int(head.split("content-length:")[1].split("\r\n")[0])
+                cut_at = head_end + 4 + int(length * self.body_fraction)
+                if len(pending) >= cut_at:
+                    client.sendall(pending[:cut_at])
+                    self.cuts += 1
+                    break
+        except OSError:
+            pass
+        for sock in (client, upstream):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+
+def test_transfer_cut_mid_body_resumes_with_range(world, tmp_path):
+    proxy = CuttingProxy(world["server"].port)
+    local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
+    url = f"http://127.0.0.1:{proxy.port}/v1/caches/teacher"
+    with RemoteCache(url, token=TOKEN, shard_cache_dir=tmp_path / "remote", readahead=0, backoff_s=0.01) as cache:
+        assert_batches_equal(cache.read(0, 6), local.read(0, 6))
+        assert proxy.cuts == 1
+        assert cache.source.stats["retries"] == 1 and cache.source.stats["resumed"] == 1
+        assert cache.source.stats["corrupt_transfers"] == 0
+    proxy.listener.close()
+
+
+def test_large_shards_are_fetched_in_range_pieces(world, tmp_path):
+    local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
+    with remote(world, sub="pieces", piece_bytes=97, readahead=0) as cache:
+        everything = list(local.store.specs)
+        assert_batches_equal(cache.read(0, cache.num_sequences, arrays=everything),
+                             local.read(0, local.num_sequences, arrays=everything))
+        stored = sum(e["nbytes"] for entries in cache.manifest["shards"].values() for e in entries)
+        pieces = sum(-(-e["nbytes"] // 97) for entries in cache.manifest["shards"].values() for e in entries)
+        assert cache.source.stats["requests"] == 1 + pieces  # the manifest + every piece, no retries
+        assert cache.source.stats["bytes"] >= stored
