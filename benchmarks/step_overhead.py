@@ -35,7 +35,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import os
 import shlex
 import statistics

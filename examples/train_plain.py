@@ -26,7 +26,6 @@ from _example_utils import example_cache, tiny_gpt_student  # noqa: I001  (adds 
 
 import kdlib
 from kdlib.integrations import distill_loss
-from kdlib.loader import move_batch
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -25,8 +25,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 import warnings
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence
 
@@ -92,23 +94,72 @@ def default_decode_root() -> Path:
 class DecodedShardStore:
     """Decoded shards, each decoded at most once into a memory-mapped ``.npy`` file.
 
+    Used by local and remote caches alike: the source decides where stored bytes come from, this store
+    checks them against the manifest, decodes them once, keeps the decode directory within ``max_bytes``
+    (least recently used shards evicted) and decodes ahead in background threads on request.
+
     Args:
         source: where stored shard bytes come from.
         manifest: the cache manifest (checksums, shapes).
         decode_dir: directory for this cache's decoded shards.
+        max_bytes: limit on this cache's decoded ``.npy`` files (None: unlimited). The shard just decoded is
+            never evicted, so the directory may briefly exceed the limit by one shard.
+        prefetch_workers: threads decoding ahead (``prefetch`` returns at once).
         max_open: memory maps kept open in this process (LRU); files stay on disk regardless.
     """
 
-    def __init__(self, source: ShardSource, manifest: Mapping[str, Any], decode_dir: Path, max_open: int = 256):
+    _TOUCH_EVERY_S = 5.0
+
+    def __init__(
+        self,
+        source: ShardSource,
+        manifest: Mapping[str, Any],
+        decode_dir: Path,
+        *,
+        max_bytes: int | None = None,
+        prefetch_workers: int = 1,
+        max_open: int = 256,
+    ) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"the decoded-shard size limit must be positive or None, got {max_bytes}")
         self.source = source
         self.manifest = manifest
         self.layout = fmt.layout_from_manifest(manifest)
         self.specs = {spec.name: spec for spec in self.layout.arrays()}
         self.decode_dir = Path(decode_dir)
+        self.max_bytes = max_bytes
+        self.prefetch_workers = int(prefetch_workers)
         self.max_open = max_open
+        self.evicted = 0
+        self._reset_process_state()
+
+    # ------------------------------------------------------------------ process safety
+
+    def _reset_process_state(self) -> None:
+        """Maps, locks and threads belong to one process: a forked or unpickled copy starts afresh."""
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: dict[tuple[str, int], Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._evict_lock = threading.Lock()
+        self._touched_s: dict[tuple[str, int], float] = {}
         self._pid = os.getpid()
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():  # forked into a DataLoader worker
+            self._reset_process_state()
+
+    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_inflight", "_inflight_lock", "_evict_lock", "_touched_s")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._PROCESS_STATE}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+    # ------------------------------------------------------------------ reading
 
     def _path(self, array: str, shard_index: int) -> Path:
         return self.decode_dir / array / f"{shard_index}.npy"
@@ -118,24 +169,33 @@ class DecodedShardStore:
 
     def get(self, array: str, shard_index: int) -> np.ndarray:
         """The decoded shard [rows, *trailing] as a (copy-on-write) memory map."""
-        if os.getpid() != self._pid:  # forked into a DataLoader worker: do not share maps/locks across fork
-            self._maps = OrderedDict()
-            self._lock = threading.Lock()
-            self._pid = os.getpid()
+        self._check_process()
         key = (array, shard_index)
         with self._lock:
             cached = self._maps.get(key)
             if cached is not None:
                 self._maps.move_to_end(key)
                 return cached
+        future = self._inflight.get(key)
+        if future is not None:
+            # A background decode of this very shard is under way: its error is this read's error.
+            future.result()
         path = self._path(array, shard_index)
-        if not path.exists():
-            self._decode_to(path, array, shard_index)
-        mm = np.load(path, mmap_mode="c", allow_pickle=False)
+        for _ in range(3):
+            if not path.exists():
+                self._decode_to(path, array, shard_index)
+            try:
+                mm = np.load(path, mmap_mode="c", allow_pickle=False)
+                break
+            except FileNotFoundError:
+                continue  # evicted by another process between decode and map: decode again
+        else:
+            raise CacheError(f"decoded shard {path} keeps disappearing: is the decoded-shard size limit too small?")
         with self._lock:
             self._maps[key] = mm
             while len(self._maps) > self.max_open:
                 self._maps.popitem(last=False)
+        self._touch(key)
         return mm
 
     def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
@@ -153,16 +213,105 @@ class DecodedShardStore:
             fmt.decode_shard(raw, spec, self.layout, shard_index, out=out)
             out.flush()
         except BaseException:
-            del out
             tmp.unlink(missing_ok=True)
             raise
-        del out
+        finally:
+            del out  # unmap before the rename
         os.replace(tmp, path)
+        self._touched_s[(array, shard_index)] = time.monotonic()
+        if self.max_bytes is not None:
+            self._evict(keep=path)
+
+    # ------------------------------------------------------------------ background decoding
 
     def prefetch(self, array: str, shard_index: int) -> None:
-        """Decode a shard ahead of need (no-op if already decoded)."""
-        if 0 <= shard_index < self.layout.num_shards and not self.is_decoded(array, shard_index):
-            self.get(array, shard_index)
+        """Fetch and decode a shard in the background; returns at once (duplicates are dropped)."""
+        self._check_process()
+        if not 0 <= shard_index < self.layout.num_shards or self.is_decoded(array, shard_index):
+            return
+        key = (array, shard_index)
+        with self._inflight_lock:
+            if key in self._inflight:
+                return
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max(1, self.prefetch_workers), thread_name_prefix="kdcache-prefetch")
+            future = self._executor.submit(self._prefetch_one, array, shard_index)
+            self._inflight[key] = future
+        future.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
+
+    def _prefetch_one(self, array: str, shard_index: int) -> None:
+        # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.
+        if not self.is_decoded(array, shard_index):
+            self._decode_to(self._path(array, shard_index), array, shard_index)
+
+    def wait_prefetch(self) -> None:
+        """Block until background decodes finish (their errors surface on the reads that need them)."""
+        for future in list(self._inflight.values()):
+            try:
+                future.result()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        if self._executor is not None and self._pid == os.getpid():
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = None
+
+    # ------------------------------------------------------------------ size limit
+
+    def _touch(self, key: tuple[str, int]) -> None:
+        """Mark a shard recently used on disk for LRU eviction (one utime per shard per few seconds)."""
+        if self.max_bytes is None:
+            return
+        now_s = time.monotonic()
+        if now_s - self._touched_s.get(key, -1e9) < self._TOUCH_EVERY_S:
+            return
+        self._touched_s[key] = now_s
+        try:
+            os.utime(self._path(*key))
+        except FileNotFoundError:
+            pass
+
+    def decoded_bytes(self) -> int:
+        return sum(size for _, size, _ in self._decoded_files())
+
+    def _decoded_files(self) -> list[tuple[float, int, Path]]:
+        files: list[tuple[float, int, Path]] = []
+        if not self.decode_dir.exists():
+            return files
+        for array_dir in os.scandir(self.decode_dir):
+            if not array_dir.is_dir():
+                continue
+            for entry in os.scandir(array_dir.path):
+                if entry.name.endswith(".npy") and not entry.name.startswith("."):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    files.append((st.st_mtime, st.st_size, Path(entry.path)))
+        return files
+
+    def _evict(self, keep: Path) -> None:
+        """Delete least-recently-used decoded shards until the directory fits ``max_bytes``.
+
+        Unlinking a file another reader has memory-mapped is safe on POSIX: its mapping stays valid and the
+        space is returned when the mapping closes.
+        """
+        with self._evict_lock:
+            files = self._decoded_files()
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files, key=lambda f: f[0]):
+                if total <= self.max_bytes:
+                    break
+                if path == keep:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
+                self.evicted += 1
+                key = (path.parent.name, int(path.stem))
+                with self._lock:
+                    self._maps.pop(key, None)
+                self._touched_s.pop(key, None)
 
 
 def _manifest_key(raw_manifest: bytes) -> str:
@@ -177,7 +326,9 @@ class CacheReader:
         decode_dir: root for decoded shards (default: ``default_decode_root()``); this cache uses a
             subdirectory named by its manifest hash.
         widen: default for ``read(..., widen=)``: int64 ids and float32 values instead of compact dtypes.
-        readahead: shards to decode ahead in a background thread when reading sequentially (0 disables).
+        readahead: shards to decode ahead in the background when reading sequentially (0 disables).
+        max_decoded_bytes: size limit of this cache's decoded shards on local disk (LRU); None = unlimited.
+        prefetch_workers: background decode (and, remotely, fetch) threads.
     """
 
     def __init__(
@@ -187,6 +338,8 @@ class CacheReader:
         decode_dir: str | os.PathLike | None = None,
         widen: bool = False,
         readahead: int = 1,
+        max_decoded_bytes: int | None = None,
+        prefetch_workers: int = 1,
     ) -> None:
         raw = source.manifest_bytes()
         self.source = source
@@ -194,10 +347,11 @@ class CacheReader:
         self.layout = fmt.layout_from_manifest(self.manifest)
         root = Path(decode_dir) if decode_dir is not None else default_decode_root()
         self.decode_dir = root / _manifest_key(raw)
-        self.store = DecodedShardStore(source, self.manifest, self.decode_dir)
+        self.store = DecodedShardStore(
+            source, self.manifest, self.decode_dir, max_bytes=max_decoded_bytes, prefetch_workers=prefetch_workers
+        )
         self.widen = widen
         self.readahead = readahead
-        self._readahead_thread: threading.Thread | None = None
         self._last_shard = -1
 
     # ------------------------------------------------------------------ properties
@@ -264,6 +418,11 @@ class CacheReader:
         names = self._check_arrays(arrays)
         S = self.layout.shard_seqs
         first, last = start // S, max(start, stop - 1) // S
+        if last > first:
+            # Shards of this batch not decoded yet are fetched/decoded in parallel with the first one.
+            for s in range(first + 1, last + 1):
+                for name in names:
+                    self.store.prefetch(name, s)
         out: dict[str, torch.Tensor] = {}
         for name in names:
             if first == last or start == stop:
@@ -330,27 +489,9 @@ class CacheReader:
         self._last_shard = last_shard
         if not sequential:
             return
-        thread = self._readahead_thread
-        if thread is not None and thread.is_alive():
-            return
-        wanted = [
-            (name, s)
-            for s in range(last_shard + 1, min(last_shard + 1 + self.readahead, self.num_shards))
-            for name in names
-            if not self.store.is_decoded(name, s)
-        ]
-        if not wanted:
-            return
-
-        def work() -> None:
-            for name, s in wanted:
-                try:
-                    self.store.prefetch(name, s)
-                except Exception:
-                    return  # the foreground read will raise the error with full context
-
-        self._readahead_thread = threading.Thread(target=work, name="kdcache-readahead", daemon=True)
-        self._readahead_thread.start()
+        for s in range(last_shard + 1, min(last_shard + 1 + self.readahead, self.num_shards)):
+            for name in names:
+                self.store.prefetch(name, s)
 
     def prepare(self, progress: bool = False) -> None:
         """Decode every shard now (e.g. before timing, or before forking workers)."""
@@ -361,7 +502,17 @@ class CacheReader:
 
             iterator = tqdm(items, desc="decoding shards", unit="shard")
         for name, s in iterator:
-            self.store.prefetch(name, s)
+            self.store.get(name, s)
+
+    def close(self) -> None:
+        """Stop background decoding (the reader stays usable; threads restart on demand)."""
+        self.store.close()
+
+    def __enter__(self) -> "CacheReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class LocalCache(CacheReader):

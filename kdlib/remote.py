@@ -31,7 +31,6 @@ import random
 import re
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -39,12 +38,11 @@ import httpx
 
 from cache_server import format as fmt
 from cache_server.format import CacheError, CorruptShardError
-from kdlib.reader import CacheReader, DecodedShardStore
+from kdlib.reader import CacheReader
 
 __all__ = [
     "RemoteCache",
     "HttpShardSource",
-    "BoundedShardStore",
     "RemoteError",
     "DEFAULT_SHARD_CACHE_BYTES",
     "DEFAULT_PIECE_BYTES",
@@ -292,176 +290,6 @@ class HttpShardSource:
         )
 
 
-class BoundedShardStore(DecodedShardStore):
-    """``DecodedShardStore`` with a size-limited, LRU-evicted decode directory and background prefetch.
-
-    Args:
-        max_bytes: limit on the decoded ``.npy`` files of this cache (None: unlimited). The newest shard is
-            never evicted, so the directory may briefly exceed the limit by one shard.
-        prefetch_workers: threads decoding ahead (``prefetch`` returns at once).
-    """
-
-    _TOUCH_EVERY_S = 5.0
-
-    def __init__(self, source, manifest: Mapping[str, Any], decode_dir: Path, *, max_bytes: int | None,
-                 prefetch_workers: int = 2, max_open: int = 256) -> None:
-        super().__init__(source, manifest, decode_dir, max_open=max_open)
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"shard_cache_bytes must be positive or None, got {max_bytes}")
-        self.max_bytes = max_bytes
-        self.prefetch_workers = int(prefetch_workers)
-        self.evicted = 0
-        self._reset_process_state()
-
-    def _reset_process_state(self) -> None:
-        self._executor: ThreadPoolExecutor | None = None
-        self._inflight: dict[tuple[str, int], Future] = {}
-        self._inflight_lock = threading.Lock()
-        self._evict_lock = threading.Lock()
-        self._touched_s: dict[tuple[str, int], float] = {}
-        self._state_pid = os.getpid()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        for key in ("_executor", "_inflight", "_inflight_lock", "_evict_lock", "_touched_s", "_lock", "_maps"):
-            state.pop(key, None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        from collections import OrderedDict
-
-        self.__dict__.update(state)
-        self._maps = OrderedDict()
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-        self._reset_process_state()
-
-    def _check_process(self) -> None:
-        if self._state_pid != os.getpid():  # forked: the parent's threads and futures do not exist here
-            self._reset_process_state()
-
-    # ------------------------------------------------------------------ reading
-
-    def get(self, array: str, shard_index: int):
-        self._check_process()
-        key = (array, shard_index)
-        future = self._inflight.get(key)
-        if future is not None:
-            # Wait for the background fetch of this very shard; its error (after its own retries, or a
-            # CorruptShardError naming the shard) is this read's error, not a reason to fetch again.
-            future.result()
-        for _ in range(3):
-            try:
-                mm = super().get(array, shard_index)
-                break
-            except FileNotFoundError:
-                # Evicted by another process between the existence check and the mapping: fetch again.
-                with self._lock:
-                    self._maps.pop(key, None)
-        else:
-            mm = super().get(array, shard_index)
-        self._touch(key)
-        return mm
-
-    def _touch(self, key: tuple[str, int]) -> None:
-        """Mark a shard recently used on disk (throttled: one utime per shard per few seconds)."""
-        now_s = time.monotonic()
-        if now_s - self._touched_s.get(key, -1e9) < self._TOUCH_EVERY_S:
-            return
-        self._touched_s[key] = now_s
-        try:
-            os.utime(self._path(*key))
-        except FileNotFoundError:
-            pass
-
-    def prefetch(self, array: str, shard_index: int) -> None:
-        """Fetch and decode a shard in the background; returns at once (duplicates are dropped)."""
-        self._check_process()
-        if not 0 <= shard_index < self.layout.num_shards or self.is_decoded(array, shard_index):
-            return
-        key = (array, shard_index)
-        with self._inflight_lock:
-            if key in self._inflight:
-                return
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max(1, self.prefetch_workers),
-                                                    thread_name_prefix="kdcache-prefetch")
-            future = self._executor.submit(self._prefetch_one, array, shard_index)
-            self._inflight[key] = future
-        future.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
-
-    def _prefetch_one(self, array: str, shard_index: int) -> None:
-        # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.
-        if not self.is_decoded(array, shard_index):
-            self._decode_to(self._path(array, shard_index), array, shard_index)
-
-    def wait_prefetch(self) -> None:
-        for future in list(self._inflight.values()):
-            try:
-                future.result()
-            except Exception:
-                pass
-
-    def close(self) -> None:
-        if self._executor is not None and self._state_pid == os.getpid():
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        self._executor = None
-
-    # ------------------------------------------------------------------ size limit
-
-    def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
-        super()._decode_to(path, array, shard_index)
-        self._touched_s[(array, shard_index)] = time.monotonic()
-        if self.max_bytes is not None:
-            self._evict(keep=path)
-
-    def decoded_bytes(self) -> int:
-        return sum(size for _, size, _ in self._decoded_files())
-
-    def _decoded_files(self) -> list[tuple[float, int, Path]]:
-        files = []
-        if not self.decode_dir.exists():
-            return files
-        for array_dir in os.scandir(self.decode_dir):
-            if not array_dir.is_dir():
-                continue
-            for entry in os.scandir(array_dir.path):
-                if entry.name.endswith(".npy") and not entry.name.startswith("."):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    files.append((st.st_mtime, st.st_size, Path(entry.path)))
-        return files
-
-    def _evict(self, keep: Path) -> None:
-        """Delete least-recently-used decoded shards until the directory fits ``max_bytes``.
-
-        Unlinking a file another reader has memory-mapped is safe on POSIX: its mapping stays valid and the
-        space is returned when the mapping closes.
-        """
-        with self._evict_lock:
-            files = self._decoded_files()
-            total = sum(size for _, size, _ in files)
-            if total <= self.max_bytes:
-                return
-            for _, size, path in sorted(files, key=lambda f: f[0]):
-                if total <= self.max_bytes:
-                    break
-                if path == keep:
-                    continue
-                try:
-                    path.unlink()
-                except FileNotFoundError:
-                    pass
-                total -= size
-                self.evicted += 1
-                key = (path.parent.name, int(path.stem))
-                with self._lock:
-                    self._maps.pop(key, None)
-                self._touched_s.pop(key, None)
-
-
 class RemoteCache(CacheReader):
     """A cache served by ``kdcache serve``, with the local reader's interface.
 
@@ -503,36 +331,13 @@ class RemoteCache(CacheReader):
             backoff_s=backoff_s, corrupt_retries=corrupt_retries, max_connections=max(4, 2 * prefetch_workers + 2),
             piece_bytes=piece_bytes,
         )
-        super().__init__(source, decode_dir=shard_cache_dir or decode_dir, widen=widen, readahead=readahead)
-        self.url = source.url
-        self.store = BoundedShardStore(
-            source, self.manifest, self.decode_dir, max_bytes=shard_cache_bytes, prefetch_workers=prefetch_workers
+        super().__init__(
+            source, decode_dir=shard_cache_dir or decode_dir, widen=widen, readahead=readahead,
+            max_decoded_bytes=shard_cache_bytes, prefetch_workers=prefetch_workers,
         )
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_readahead_thread"] = None
-        return state
-
-    def read(self, start: int, stop: int, *, arrays=None, widen: bool | None = None):
-        """As ``CacheReader.read``; shards this batch needs that are not local yet are fetched in parallel."""
-        if isinstance(start, int) and isinstance(stop, int) and 0 <= start < stop <= self.num_sequences:
-            names = self._check_arrays(arrays)
-            S = self.layout.shard_seqs
-            missing = [(name, s) for s in range(start // S, (stop - 1) // S + 1) for name in names
-                       if not self.store.is_decoded(name, s)]
-            # The first one is fetched in the foreground by the read itself; the rest overlap with it.
-            for name, s in missing[1:]:
-                self.store.prefetch(name, s)
-        return super().read(start, stop, arrays=arrays, widen=widen)
+        self.url = source.url
 
     def close(self) -> None:
         """Stop background prefetching and close HTTP connections (the reader reopens them on use)."""
-        self.store.close()
+        super().close()
         self.source.close()
-
-    def __enter__(self) -> "RemoteCache":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()

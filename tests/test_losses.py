@@ -6,7 +6,6 @@ Shape notation: N rows, V vocabulary, K teacher top-k, B batch, T sequence.
 from __future__ import annotations
 
 import itertools
-import math
 
 import pytest
 import torch

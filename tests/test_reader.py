@@ -124,3 +124,30 @@ def test_missing_shard_file(cache_and_arrays):
 def test_open_cache_errors(tmp_path):
     with pytest.raises(fmt.CacheError, match="does not exist"):
         kdlib.open_cache(tmp_path / "missing")
+
+
+def test_decoded_size_limit_evicts_least_recently_used(cache_and_arrays):
+    out, arrays, decode_dir = cache_and_arrays
+    one_shard_bytes = None
+    with kdlib.open_cache(out, decode_dir=decode_dir / "probe", readahead=0) as probe:
+        probe.read(0, 8, arrays=["topk_logprobs"])
+        one_shard_bytes = probe.store.decoded_bytes()
+    limit = int(one_shard_bytes * 1.5)
+    with kdlib.open_cache(out, decode_dir=decode_dir, readahead=0, max_decoded_bytes=limit) as cache:
+        for start in range(0, 21, 8):
+            batch = cache.read(start, min(start + 8, 21), arrays=["topk_logprobs"])
+            np.testing.assert_array_equal(batch["topk_logprobs"].numpy(), arrays["topk_logprobs"][start:start + 8])
+            assert cache.store.decoded_bytes() <= limit + one_shard_bytes
+        assert cache.store.evicted >= 1
+        # An evicted shard is decoded again on demand, with the same values.
+        again = cache.read(0, 8, arrays=["topk_logprobs"])["topk_logprobs"]
+        np.testing.assert_array_equal(again.numpy(), arrays["topk_logprobs"][0:8])
+
+
+def test_batch_spanning_shards_decodes_them_in_parallel(cache_and_arrays):
+    out, arrays, decode_dir = cache_and_arrays
+    with kdlib.open_cache(out, decode_dir=decode_dir, readahead=0, prefetch_workers=2) as cache:
+        batch = cache.read(0, 21)
+        np.testing.assert_array_equal(batch["lse"].numpy(), arrays["lse"])
+        cache.store.wait_prefetch()
+        assert all(cache.store.is_decoded("lse", s) for s in range(cache.num_shards))

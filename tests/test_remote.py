@@ -120,8 +120,6 @@ def test_prefetch_runs_ahead(world):
     with remote(world, sub="prefetch", readahead=2) as cache:
         cache.read(0, 6)
         cache.read(6, 12)  # sequential: shards 2 and 3 are prefetched in the background
-        if cache._readahead_thread is not None:
-            cache._readahead_thread.join(5)
         cache.store.wait_prefetch()
         assert cache.store.is_decoded("topk_ids", 2) and cache.store.is_decoded("topk_ids", 3)
 

@@ -61,7 +61,6 @@ def kd_loss_reference(
                            teacher_lse_at_temperature, config)
     dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     z = student_logits.reshape(-1, vocab).to(dtype)  # [N, V]
-    n = z.shape[0]
     div = config.effective_divergence
     beta = float(beta)
 
