@@ -2,8 +2,7 @@
 
 1. Corpus: the Python standard library's own source files (present wherever Python is).
 2. Tokenizer: a byte-level BPE trained on that corpus with `tokenizers` (no download).
-3. Teacher: a small Llama (transformers, random init) trained for a short while on the corpus, saved as
-   safetensors.
+3. Teacher: a small Llama (transformers) trained for 300 steps on the corpus, saved as safetensors.
 4. `kdcache build` → `kdcache info` → `kdcache verify` on the local cache directory.
 5. A smaller student trained from the cache with `kdlib` (cache loader + fused CE+KD loss), compared with the
    same student trained on CE alone for the same steps.
@@ -93,26 +92,30 @@ def make_model(vocab_size: int, hidden: int, layers: int, seq_len: int):
     return LlamaForCausalLM(config)
 
 
-def train_teacher(out_dir: Path, tokens: np.ndarray, vocab_size: int, seq_len: int, seconds: float) -> Path:
+def train_teacher(out_dir: Path, tokens: np.ndarray, vocab_size: int, seq_len: int, steps: int) -> Path:
+    """A fixed number of AdamW steps (cosine decay), so the teacher is the same on every machine."""
     teacher_dir = out_dir / "teacher"
     if (teacher_dir / "model.safetensors").exists():
         return teacher_dir
     model = make_model(vocab_size, hidden=128, layers=2, seq_len=seq_len)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=3e-4)
     rng = np.random.default_rng(0)
-    started, step, loss = time.perf_counter(), 0, float("nan")
-    while time.perf_counter() - started < seconds:
+    started, loss = time.perf_counter(), float("nan")
+    for step in range(1, steps + 1):
         starts = rng.integers(0, len(tokens) - seq_len - 1, size=16)
         batch = torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]).astype(np.int64))
         out = model(input_ids=batch, labels=batch)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         opt.step()
-        loss, step = out.loss.item(), step + 1
+        schedule.step()
+        loss = out.loss.item()
         if step % 50 == 0:
-            log(f"teacher step {step}: loss {loss:.3f}")
+            log(f"teacher step {step}/{steps}: loss {loss:.3f} ({(time.perf_counter() - started) / step:.2f} s/step)")
     model.save_pretrained(teacher_dir, safe_serialization=True)
-    log(f"teacher: Llama 2x128 trained {step} steps ({seconds:.0f}s), final loss {loss:.3f} -> {teacher_dir}")
+    log(f"teacher: Llama 2x128 trained {steps} steps in {time.perf_counter() - started:.0f}s, final loss {loss:.3f} "
+        f"-> {teacher_dir}")
     return teacher_dir
 
 
@@ -172,7 +175,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--topk", type=int, default=32)
-    parser.add_argument("--teacher-seconds", type=float, default=90.0)
+    parser.add_argument("--teacher-steps", type=int, default=300)
     parser.add_argument("--student-steps", type=int, default=150)
     args = parser.parse_args()
     out = args.out.resolve()
@@ -187,7 +190,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
-    teacher_dir = train_teacher(out, tokens, vocab_size, args.seq_len, args.teacher_seconds)
+    teacher_dir = train_teacher(out, tokens, vocab_size, args.seq_len, args.teacher_steps)
 
     cache_dir = out / "cache"
     kdcache(
