@@ -286,6 +286,15 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
+    """The layout a manifest describes; a malformed manifest is a CacheError, not a KeyError/ValueError."""
+    try:
+        return _layout_from_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"the manifest's layout fields are malformed ({type(exc).__name__}: {exc}); "
+                         "the cache is damaged: re-copy or rebuild it") from exc
+
+
+def _layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
     return CacheLayout(
         num_sequences=int(manifest["num_sequences"]),
         seq_len=int(manifest["seq_len"]),
@@ -362,6 +371,14 @@ def write_shard(
     group = zarr.open_group(str(cache_dir), mode="r+")
     checksums: dict[str, dict[str, Any]] = {}
     for spec in layout.arrays():
+        path = Path(cache_dir) / shard_relpath(spec.name, shard_index, 1 + len(spec.trailing_shape))
+        # A shard left by an interrupted build is rewritten from scratch: zarr merges a write that does not
+        # cover the whole shard (the last, short one) into the file already there, so old bytes must go first,
+        # and so must zarr's temporary "<name>.<uuid>.partial" files of a write killed half-way.
+        path.unlink(missing_ok=True)
+        if path.parent.exists():
+            for leftover in path.parent.glob(f"{path.name}.*.partial"):
+                leftover.unlink(missing_ok=True)
         data = np.asarray(arrays[spec.name])
         expected = spec.shape(stop - start)
         if data.shape != expected:
@@ -369,7 +386,6 @@ def write_shard(
         if data.dtype != spec.dtype:
             raise ValueError(f"shard {shard_index}: array {spec.name} has dtype {data.dtype}, expected {spec.dtype}")
         group[spec.name][start:stop] = data
-        path = Path(cache_dir) / shard_relpath(spec.name, shard_index, 1 + len(spec.trailing_shape))
         raw = path.read_bytes()
         checksums[spec.name] = {"sha256": shard_sha256(raw), "nbytes": len(raw)}
     return checksums

@@ -131,6 +131,8 @@ class CacheWriter:
                 )
                 if same and not overwrite:
                     self.already_complete = True
+                    # A crash between writing the manifest and removing the build state leaves the latter.
+                    shutil.rmtree(self.state_dir, ignore_errors=True)
                     return
                 if not overwrite:
                     raise BuildStateError(

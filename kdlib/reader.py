@@ -8,7 +8,7 @@ Shape notation::
 A batch is a ``dict`` of torch tensors::
 
     input_ids      [n, T]     int32 (int64 with widen=True)
-    topk_ids       [n, T, K]  uint16 when stored so (zero-copy), else int32 (int64 with widen=True)
+    topk_ids       [n, T, K]  int32; zero-copy when stored as uint32 (int64 with widen=True)
     topk_logprobs  [n, T, K]  float16 as stored (float32 with widen=True)
     lse            [n, T]     float32  teacher full-vocab logsumexp
     lse_t{tau:g}   [n, T]     float32  logsumexp(logits/tau) for each build temperature
@@ -144,6 +144,7 @@ class DecodedShardStore:
         self._inflight_lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self._touched_s: dict[tuple[str, int], float] = {}
+        self._stale_tmp_checked = False
         self._pid = os.getpid()
 
     def _check_process(self) -> None:
@@ -207,11 +208,13 @@ class DecodedShardStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         start, stop = self.layout.shard_range(shard_index)
+        self._remove_stale_tmp_files()
         # Decode straight into the file's memory map: one pass, no intermediate buffer.
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=spec.dtype, shape=spec.shape(stop - start))
         try:
+            _allocate(tmp)  # a full disk is a clean OSError here, not a SIGBUS while writing the map
             fmt.decode_shard(raw, spec, self.layout, shard_index, out=out)
-            out.flush()
+            out.flush()  # msync: the data is on disk before the rename makes the file visible
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -221,6 +224,20 @@ class DecodedShardStore:
         self._touched_s[(array, shard_index)] = time.monotonic()
         if self.max_bytes is not None:
             self._evict(keep=path)
+
+    def _remove_stale_tmp_files(self, max_age_s: float = 3600.0) -> None:
+        """Once per process: delete temporary files that a killed decoder left (decodes take well under a
+        second, so an hour-old one is abandoned; a younger one may belong to another live process)."""
+        if self._stale_tmp_checked:
+            return
+        self._stale_tmp_checked = True
+        now_s = time.time()
+        for tmp in self.decode_dir.glob("*/.*.tmp"):
+            try:
+                if now_s - tmp.stat().st_mtime > max_age_s:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
 
     # ------------------------------------------------------------------ background decoding
 
@@ -312,6 +329,23 @@ class DecodedShardStore:
                 with self._lock:
                     self._maps.pop(key, None)
                 self._touched_s.pop(key, None)
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the blocks of a freshly created (sparse) file."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; carry on
+            return
+        raise OSError(exc.errno, f"cannot allocate {os.fstat(fd).st_size} bytes for a decoded shard in "
+                      f"{path.parent} ({exc.strerror}); free space or set KDCACHE_DECODE_DIR / "
+                      "max_decoded_bytes") from exc
+    finally:
+        os.close(fd)
 
 
 def _manifest_key(raw_manifest: bytes) -> str:
@@ -416,8 +450,11 @@ class CacheReader:
         if not 0 <= start <= stop <= self.num_sequences:
             raise IndexError(f"read({start}, {stop}) is outside [0, {self.num_sequences}]")
         names = self._check_arrays(arrays)
+        widen = self.widen if widen is None else widen
+        if start == stop:
+            return {name: self._empty(name, widen) for name in names}
         S = self.layout.shard_seqs
-        first, last = start // S, max(start, stop - 1) // S
+        first, last = start // S, (stop - 1) // S
         if last > first:
             # Shards of this batch not decoded yet are fetched/decoded in parallel with the first one.
             for s in range(first + 1, last + 1):
@@ -425,7 +462,7 @@ class CacheReader:
                     self.store.prefetch(name, s)
         out: dict[str, torch.Tensor] = {}
         for name in names:
-            if first == last or start == stop:
+            if first == last:
                 mm = self.store.get(name, first)
                 data = mm[start - first * S : stop - first * S]
             else:
@@ -434,7 +471,7 @@ class CacheReader:
                     for s in range(first, last + 1)
                 ]
                 data = np.concatenate(parts)
-            out[name] = self._to_tensor(name, data, self.widen if widen is None else widen)
+            out[name] = self._to_tensor(name, data, widen)
         self._maybe_readahead(last, names)
         return out
 
@@ -452,11 +489,15 @@ class CacheReader:
         names = self._check_arrays(arrays)
         S = self.layout.shard_seqs
         shard_of = idx // S
+        shards = np.unique(shard_of)
+        for s in shards[1:]:  # decoded in parallel with the first one (fetched, for a remote cache)
+            for name in names:
+                self.store.prefetch(name, int(s))
         out: dict[str, torch.Tensor] = {}
         for name in names:
             spec = self.store.specs[name]
             data = np.empty((idx.size, *spec.trailing_shape), dtype=spec.dtype)
-            for s in np.unique(shard_of):
+            for s in shards:
                 mask = shard_of == s
                 data[mask] = self.store.get(name, int(s))[idx[mask] - s * S]
             out[name] = self._to_tensor(name, data, self.widen if widen is None else widen)
@@ -473,13 +514,17 @@ class CacheReader:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # copy-on-write maps are writable; belt and braces
             tensor = torch.from_numpy(data)
-        if name == "input_ids" and not widen:
-            return tensor.to(torch.int32)
         if widen:
-            if tensor.is_floating_point():
-                return tensor.to(torch.float32)
-            return tensor.to(torch.int64)
+            return tensor.to(torch.float32 if tensor.is_floating_point() else torch.int64)
+        if tensor.dtype == torch.uint16:
+            # torch's uint16 lacks comparisons, min/max and indexing; int32 costs one small copy per batch
+            # (ids are 1/2 of a batch's bytes at most) and works everywhere.
+            return tensor.to(torch.int32)
         return tensor
+
+    def _empty(self, name: str, widen: bool) -> torch.Tensor:
+        spec = self.store.specs[name]
+        return self._to_tensor(name, np.empty((0, *spec.trailing_shape), dtype=spec.dtype), widen)
 
     def _maybe_readahead(self, last_shard: int, names: list[str]) -> None:
         """When reading forward, decode the next shard(s) in the background (cold reads overlap decoding)."""

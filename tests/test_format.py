@@ -19,9 +19,10 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny_manifest.json"
 
 def _tiny_cache(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1767225600")  # 2026-01-01T00:00:00Z
+    # codec "none": the pinned shard checksums then depend on our layout only, not on a compressor's version.
     out, _ = make_synthetic_cache(
         tmp_path / "tiny", num_sequences=5, seq_len=3, topk=2, vocab_size=11, temperatures=(2.0,),
-        shard_seqs=4, chunk_seqs=2, seed=7,
+        shard_seqs=4, chunk_seqs=2, seed=7, codec="none",
     )
     return out
 
@@ -191,3 +192,27 @@ def test_concurrent_finalize_writes_one_manifest(tmp_path):
     assert results[0] is not None and results[1] is not None
     assert results[0]["shards"] == results[1]["shards"]
     assert fmt.load_manifest(tmp_path / "c")["num_shards"] == 2
+
+
+def test_resume_rewrites_a_damaged_unjournaled_short_last_shard(tmp_path):
+    """A crash can leave garbage (or zarr's .partial temporaries) where the short last shard goes."""
+    layout = fmt.CacheLayout(num_sequences=5, seq_len=3, topk=2, vocab_size=10, shard_seqs=2, chunk_seqs=2)
+    arrays = synthetic_arrays(5, 3, 2, 10)
+    writer = CacheWriter(tmp_path / "c", layout, settings={})
+    for i in (0, 1):
+        a, b = layout.shard_range(i)
+        writer.write_shard(i, {k: v[a:b] for k, v in arrays.items()})
+    for spec in layout.arrays():
+        path = tmp_path / "c" / fmt.shard_relpath(spec.name, 2, 1 + len(spec.trailing_shape))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"garbage from a killed writer")
+        path.with_name(path.name + ".0123abcd.partial").write_bytes(b"half")
+    resumed = CacheWriter(tmp_path / "c", layout, settings={})
+    assert resumed.pending_shards() == [2]
+    a, b = layout.shard_range(2)
+    resumed.write_shard(2, {k: v[a:b] for k, v in arrays.items()})
+    resumed.finalize()
+    group = zarr.open_group(str(tmp_path / "c"), mode="r")
+    for spec in layout.arrays():
+        np.testing.assert_array_equal(group[spec.name][:], arrays[spec.name])
+    assert not list((tmp_path / "c").rglob("*.partial"))

@@ -27,7 +27,7 @@ def _as_np(tensor: torch.Tensor, like: np.ndarray) -> np.ndarray:
         else array.astype(like.dtype)
 
 
-@pytest.mark.parametrize("start,stop", [(0, 21), (3, 5), (7, 9), (0, 8), (5, 21), (20, 21), (4, 4)])
+@pytest.mark.parametrize("start,stop", [(0, 21), (3, 5), (7, 9), (0, 8), (5, 21), (20, 21), (4, 4), (8, 8), (21, 21)])
 def test_read_matches_written_arrays(cache_and_arrays, start, stop):
     out, arrays, decode_dir = cache_and_arrays
     cache = kdlib.open_cache(out, decode_dir=decode_dir)
@@ -38,7 +38,7 @@ def test_read_matches_written_arrays(cache_and_arrays, start, stop):
     for name, tensor in batch.items():
         np.testing.assert_array_equal(_as_np(tensor, arrays[name]), arrays[name][start:stop])
     assert batch["input_ids"].dtype == torch.int32
-    assert batch["topk_ids"].dtype == torch.uint16
+    assert batch["topk_ids"].dtype == torch.int32
     assert batch["topk_logprobs"].dtype == torch.float16
     assert batch["lse"].dtype == torch.float32
     assert batch["topk_ids"].shape == (stop - start, 13, 5)
@@ -82,9 +82,13 @@ def test_each_shard_is_decoded_once_and_batches_are_views(cache_and_arrays):
     assert {p: p.stat().st_mtime_ns for p in cache.decode_dir.rglob("*.npy")} == mtimes
     torch.testing.assert_close(first, again)
     # Within one shard a batch is a view of the decoded map: two reads share storage.
-    a = cache.read(0, 8)["topk_ids"]
-    b = cache.read(0, 8)["topk_ids"]
+    a = cache.read(0, 8)["topk_logprobs"]
+    b = cache.read(0, 8)["topk_logprobs"]
     assert a.data_ptr() == b.data_ptr()
+    # ...and writing into a batch never reaches the decoded file (copy-on-write mapping).
+    a.fill_(0.0)
+    fresh = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(0, 8)["topk_logprobs"]
+    assert bool((fresh != 0).any())
 
 
 def test_prepare_decodes_everything(cache_and_arrays):
@@ -151,3 +155,31 @@ def test_batch_spanning_shards_decodes_them_in_parallel(cache_and_arrays):
         np.testing.assert_array_equal(batch["lse"].numpy(), arrays["lse"])
         cache.store.wait_prefetch()
         assert all(cache.store.is_decoded("lse", s) for s in range(cache.num_shards))
+
+
+def test_malformed_manifest_is_a_cache_error(cache_and_arrays):
+    import json
+
+    out, _, decode_dir = cache_and_arrays
+    manifest = json.loads((out / fmt.MANIFEST_NAME).read_text())
+    manifest["shard_seqs"] = "eight"
+    (out / fmt.MANIFEST_NAME).write_bytes(fmt.manifest_bytes(manifest))
+    with pytest.raises(fmt.CacheError, match="malformed"):
+        kdlib.open_cache(out, decode_dir=decode_dir)
+
+
+def test_stale_tmp_files_are_removed_fresh_ones_kept(cache_and_arrays):
+    import os
+    import time
+
+    out, _, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
+    (cache.decode_dir / "lse").mkdir(parents=True)
+    stale = cache.decode_dir / "lse" / ".3.npy.999.1.tmp"
+    fresh = cache.decode_dir / "lse" / ".2.npy.998.1.tmp"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"y")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    cache.read(0, 2)
+    assert not stale.exists() and fresh.exists()
