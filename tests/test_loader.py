@@ -82,7 +82,7 @@ def test_batches_carry_cache_data_and_shifted_labels(cache_and_arrays):
     for batch in kdlib.make_loader(cache, 5, seed=2, drop_last=False):
         idx = batch["sample_indices"].numpy()
         assert batch["input_ids"].dtype == torch.int32 and batch["labels"].dtype == torch.int64
-        assert batch["topk_ids"].dtype == torch.uint16 and batch["topk_logprobs"].dtype == torch.float16
+        assert batch["topk_ids"].dtype == torch.int32 and batch["topk_logprobs"].dtype == torch.float16
         np.testing.assert_array_equal(batch["input_ids"].numpy(), arrays["input_ids"][idx])
         np.testing.assert_array_equal(batch["topk_ids"].numpy(), arrays["topk_ids"][idx])
         np.testing.assert_array_equal(batch["topk_logprobs"].numpy(), arrays["topk_logprobs"][idx])
@@ -176,7 +176,7 @@ def test_cache_path_and_device_option(cache_and_arrays):
     loader = kdlib.make_loader(str(cache.path), 4, device="cpu",
                                open_kwargs={"decode_dir": cache.decode_dir.parent})
     batch = next(iter(loader))
-    assert batch["input_ids"].dtype == torch.int64 and batch["topk_ids"].dtype == torch.uint16
+    assert batch["input_ids"].dtype == torch.int64 and batch["topk_ids"].dtype == torch.int32
 
 
 def test_bad_arguments_and_states_raise(cache_and_arrays, tmp_path):
