@@ -9,7 +9,9 @@ peak memory of:
     kd_fused   kd_loss(ce_weight=1, forward_kl, tail=bucket), fused backend (torch on CPU, triton on CUDA)
     reference  the naive kd_loss_reference (full log_softmax + masks + autograd)
 
-and the fused-linear variant (kd_loss_from_hidden) vs materialized logits (hidden @ Wᵀ then kd_loss).
+and the fused-linear variant (kd_loss_from_hidden) vs materialized logits (hidden @ Wᵀ then kd_loss):
+fwd+bwd time and peak memory, and eval time under torch.no_grad() (interleaved medians; the fused-linear
+loss then skips all gradient work, so eval should cost well under its fwd+bwd).
 
 Peak memory, CPU: the process's peak resident set (VmHWM in /proc/self/status) is reset through
 /proc/self/clear_refs before each measured fwd+bwd and read after it, minus the resident size before.
@@ -174,7 +176,7 @@ def bench_shape(n, vocab, k, dtype, device, backend, repeats, with_reference=Tru
     return out
 
 
-def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size):
+def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size, repeats):
     g = torch.Generator(device="cpu").manual_seed(1)
     hidden = torch.randn(n, hdim, generator=g).to(device=device, dtype=dtype)
     weight = (torch.randn(vocab, hdim, generator=g) / hdim**0.5).to(device=device, dtype=dtype)
@@ -212,6 +214,23 @@ def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size):
               for a, b in zip(res["materialized_grads"], res["from_hidden_grads"]))
     if abs(res["materialized_value"] - res["from_hidden_value"]) > 1e-4 or rel > 1e-3:
         raise SystemExit(f"fused-linear disagrees with materialized logits (rel grad err {rel:.3g})")
+    # eval loop: torch.no_grad(), the loss only; check the value first, then interleave A, B, A, B, ...
+    fns = (("materialized", materialized), ("from_hidden", from_hidden))
+    eval_ms = {name: [] for name, _ in fns}
+    with torch.no_grad():
+        for name, fn in fns:
+            value = fn(hidden, weight).item()
+            if abs(value - res[name + "_value"]) > 1e-6 * max(1.0, abs(value)):
+                raise SystemExit(f"{name} under no_grad gives {value}, with grad {res[name + '_value']}")
+        for _ in range(repeats):
+            for name, fn in fns:
+                sync(device)
+                t0 = time.perf_counter()
+                fn(hidden, weight)
+                sync(device)
+                eval_ms[name].append((time.perf_counter() - t0) * 1e3)
+    for name, _ in fns:
+        res[name]["eval_ms"] = statistics.median(eval_ms[name])
     return {k: v for k, v in res.items() if k in ("materialized", "from_hidden")}
 
 
@@ -248,8 +267,12 @@ def main(argv=None):
         print(f"[bench_loss] {dev_name} N={n} V={vocab} K={args.topk} {dtype}, {repeats} interleaved repeats",
               flush=True)
         res = bench_shape(n, vocab, args.topk, dtype, device, backend, repeats)
-        lin = bench_fused_linear(n, args.hidden, vocab, args.topk, dtype, device, backend, args.chunk_size)
-        for name, r in {**res, **{f"linear_{k}": v for k, v in lin.items()}}.items():
+        lin = bench_fused_linear(n, args.hidden, vocab, args.topk, dtype, device, backend, args.chunk_size, repeats)
+        table = dict(res)
+        for name, r in lin.items():  # eval time as its own row: the CSV keeps the columns it started with
+            table[f"linear_{name}"] = {k: v for k, v in r.items() if k != "eval_ms"}
+            table[f"linear_{name}_nograd"] = {"fwd_ms": r["eval_ms"]}
+        for name, r in table.items():
             print(f"  {name:22s} " + "  ".join(f"{k}={v:9.1f}" for k, v in r.items()), flush=True)
             rows.append(dict(timestamp=stamp, device=dev_name, rows=n, vocab=vocab, topk=args.topk,
                              dtype=str(dtype).replace("torch.", ""), method=name, **r,
@@ -263,6 +286,8 @@ def main(argv=None):
             peak_mem_ratio_reference_vs_ce=res["reference"]["peak_mb"] / res["ce"]["peak_mb"],
             fused_linear_peak_mem_ratio_vs_materialized=lin["from_hidden"]["peak_mb"] / lin["materialized"]["peak_mb"],
             fused_linear_time_ratio_vs_materialized=lin["from_hidden"]["fwd_bwd_ms"] / lin["materialized"]["fwd_bwd_ms"],
+            fused_linear_eval_time_ratio_vs_train=lin["from_hidden"]["eval_ms"] / lin["from_hidden"]["fwd_bwd_ms"],
+            fused_linear_eval_time_ratio_vs_materialized=lin["from_hidden"]["eval_ms"] / lin["materialized"]["eval_ms"],
         )
     csv_path = RESULTS / "bench_loss.csv"
     new = not csv_path.exists()

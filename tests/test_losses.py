@@ -6,6 +6,7 @@ Shape notation: N rows, V vocabulary, K teacher top-k, B batch, T sequence.
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -16,13 +17,24 @@ import kdlib
 from kdlib.losses import DIVERGENCES, TAILS, kd_loss_reference
 
 TEMPERATURES = (1.0, 2.0)
-LOGIT_DTYPES = (torch.float32, torch.bfloat16)
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 LOGPROB_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.int32, torch.int64, torch.uint16)
 # (rows N, vocabulary V, top-k K): odd V, K = 1, K = V
 SHAPES = ((41, 1271, 32), (5, 97, 1), (4, 37, 37))
 # relative tolerance on values, and on grads relative to the largest |grad|
-TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1.6e-2), torch.float64: (1e-12, 1e-12)}
+TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1.6e-2), torch.float16: (1e-5, 2e-3),
+              torch.float64: (1e-12, 1e-12)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Small shapes: with several OpenMP threads each op ends in a barrier that costs more than the op
+    itself when the machine is busy (this file ran ~9x slower at load 3 on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_case(n, vocab, k, *, logits_dtype=torch.float32, logprob_dtype=torch.float32, id_dtype=torch.int64,
@@ -93,14 +105,26 @@ def test_odd_shapes_k1_kv_chunking(shape, divergence, tail):
     assert_close(case, torch.float32, run(case, "reference", **kw), run(case, "torch", chunk_rows=3, **kw))
 
 
-@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=str)
-def test_id_dtypes_same_result(id_dtype):
+@pytest.mark.parametrize("id_dtype", [d for d in ID_DTYPES if d != torch.int64], ids=str)
+@pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
+def test_id_dtypes_bitwise_identical(divergence, tail, id_dtype):
+    # the id dtype only enters the widening to int64 before any gather, so the full product over
+    # divergence x tail x id dtype must give bit-identical values and gradients
     case = make_case(9, 301, 8, id_dtype=id_dtype)
     base = make_case(9, 301, 8, id_dtype=torch.int64)
-    kw = dict(ce_weight=1.0, temperature=2.0)
+    kw = dict(ce_weight=1.0, temperature=2.0, divergence=divergence, tail=tail, beta=0.3)
     v1, g1 = run(case, "torch", **kw)
     v2, g2 = run(base, "torch", **kw)
     assert torch.equal(v1, v2) and torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
+def test_temperature_below_one_matches_reference(divergence, tail):
+    # tau < 1 sharpens both sides: the tail is tiny, lse_t is large and a / tau is amplified
+    case = make_case(23, 517, 12, seed=7)
+    kw = dict(divergence=divergence, tail=tail, temperature=0.5, ce_weight=0.3, beta=0.4)
+    assert_close(case, torch.float32, run(case, "reference", grad_scale=1.7, **kw),
+                 run(case, "torch", grad_scale=1.7, **kw))
 
 
 @pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
@@ -139,13 +163,40 @@ def test_reductions(reduction):
     torch.testing.assert_close(g_out, g_ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-def test_all_rows_ignored(backend):
+@pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
+def test_all_rows_ignored(divergence, tail, backend, temperature):
     case = make_case(6, 97, 5, ignore_frac=1.1)
     assert (case["labels"] == -100).all()
-    value, grad = run(case, backend, ce_weight=1.0, temperature=2.0)
-    assert value.item() == 0.0
-    assert torch.count_nonzero(grad) == 0 and torch.isfinite(grad).all()
+    kw = dict(ce_weight=1.0, temperature=temperature, divergence=divergence, tail=tail, beta=0.3)
+    for reduction in ("mean", "sum"):
+        value, grad = run(case, backend, reduction=reduction, **kw)
+        assert value.item() == 0.0
+        assert torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
+
+
+def test_renormalize_reverse_kl_is_negative_when_student_mass_is_off_support():
+    # axolotl convention: reverse KL against the renormalized teacher sums over S only, so D is not a
+    # divergence and goes below 0. With the student proportional to the teacher on S (p_i = P q~_i):
+    # D = sum_S P q~_i log(P q~_i / q~_i) = P log P < 0 for every P < 1.
+    n, vocab, k, mass_on_support = 4, 50, 6, 0.3
+    g = torch.Generator().manual_seed(11)
+    teacher_logprobs = torch.log_softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1)  # renormalized
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    off = torch.ones(n, vocab, dtype=torch.bool).scatter_(1, ids, False)
+    log_off = torch.logsumexp(logits.masked_fill(~off, -torch.inf), -1, keepdim=True)  # [N, 1]
+    support_logits = teacher_logprobs + log_off + math.log(mass_on_support / (1 - mass_on_support))
+    logits = logits.scatter(1, ids, support_logits).requires_grad_(True)
+    expected = mass_on_support * math.log(mass_on_support)  # -0.361...
+    for backend in ("torch", "reference"):
+        value = kdlib.kd_loss(logits, ids, teacher_logprobs, divergence="reverse_kl", tail="renormalize",
+                              backend=backend)
+        assert value.item() == pytest.approx(expected, rel=1e-10) and value.item() < 0
+    # the exact (bucket) reverse KL of the same inputs is a true divergence
+    bucket = kdlib.kd_loss(logits, ids, teacher_logprobs, divergence="reverse_kl", tail="bucket", backend="torch")
+    assert bucket.item() >= 0
 
 
 def test_labels_none_all_rows_valid_and_kd_only():
@@ -156,7 +207,8 @@ def test_labels_none_all_rows_valid_and_kd_only():
     torch.testing.assert_close(out, ref)
 
 
-@pytest.mark.parametrize("divergence,tail,temperature", list(itertools.product(DIVERGENCES, TAILS, TEMPERATURES)))
+@pytest.mark.parametrize("divergence,tail,temperature",
+                         list(itertools.product(DIVERGENCES, TAILS, TEMPERATURES + (0.5,))))
 def test_gradcheck_float64(divergence, tail, temperature):
     case = make_case(3, 11, 4, logits_dtype=torch.float64, ignore_frac=0.3, seed=5)
     labels = case["labels"]
@@ -330,3 +382,17 @@ def test_error_shapes_and_ids():
         kdlib.kd_loss(logits, torch.zeros(4, 31, dtype=torch.int64), torch.zeros(4, 31))
     with pytest.raises(ValueError, match="integer"):
         kdlib.kd_loss(logits, ids.float(), lps)
+
+
+def test_error_labels_out_of_range_and_validate_flag():
+    case = make_case(4, 30, 3)
+    logits, ids, lps = _args(case)
+    with pytest.raises(ValueError, match=r"labels contain values outside \[0, V=30\).*ignore_index=-100"):
+        kdlib.kd_loss(logits, ids, lps, labels=torch.tensor([1, -100, 30, 2]), ce_weight=1.0)
+    # validate=False only skips the data-dependent range checks (one host sync on CUDA): same result
+    kw = dict(labels=case["labels"], ce_weight=1.0, teacher_lse=case["teacher_lse"])
+    checked = kdlib.kd_loss(logits, ids, lps, **kw)
+    torch.testing.assert_close(kdlib.kd_loss(logits, ids, lps, validate=False, **kw), checked, rtol=0, atol=0)
+    torch.testing.assert_close(kdlib.KDLoss(validate=False)(logits, ids, lps, **kw), checked, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="topk_logprobs has shape"):  # metadata checks stay on
+        kdlib.kd_loss(logits, ids, lps[:, :2], validate=False)

@@ -1,12 +1,13 @@
 """Triton sparse-KD kernels (run on CPU tensors under TRITON_INTERPRET=1) vs the naive reference.
 
 Shape notation: N rows, V vocabulary, K teacher top-k. Shapes are small: the interpreter is slow.
-V = 1100 spans two BLOCK_V = 1024 blocks with a ragged tail; K = 70 spans two BLOCK_K = 64 blocks.
+V = 4500 spans two BLOCK_V = 4096 blocks with a ragged tail; K = 70 spans two BLOCK_K = 64 blocks.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 import kdlib
 from kdlib.losses import DIVERGENCES, TAILS
+from kdlib.losses.sparse_math import LOG_TAIL_FLOOR
 
 pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
@@ -22,8 +24,18 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TEMPERATURES = (1.0, 2.0)
 # (N, V, K)
-SHAPES = ((6, 1100, 70), (3, 37, 1), (3, 37, 37))
+SHAPES = ((6, 4500, 70), (3, 37, 1), (3, 37, 37))
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1.6e-2), torch.float16: (2e-5, 2e-3)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_cpu_thread():
+    """Small shapes: with several OpenMP threads each op ends in a barrier that costs more than the op
+    itself when the machine is busy (this file ran ~9x slower at load 3 on 2 cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_case(n, vocab, k, *, logits_dtype=torch.float32, logprob_dtype=torch.float32, id_dtype=torch.int64,
@@ -41,7 +53,7 @@ def make_case(n, vocab, k, *, logits_dtype=torch.float32, logprob_dtype=torch.fl
         student_logits=student.to(logits_dtype).to(DEVICE).requires_grad_(True),
         topk_ids=ids.to(id_dtype).to(DEVICE), topk_logprobs=logprobs.to(logprob_dtype).to(DEVICE),
         labels=labels.to(DEVICE), teacher_lse=torch.logsumexp(teacher, -1).float().to(DEVICE),
-        lse_t={tau: torch.logsumexp(teacher / tau, -1).float().to(DEVICE) for tau in TEMPERATURES})
+        lse_t={tau: torch.logsumexp(teacher / tau, -1).float().to(DEVICE) for tau in TEMPERATURES + (0.5,)})
 
 
 def run(case, backend, grad_scale=1.0, **kw):
@@ -67,7 +79,7 @@ def assert_close(dtype, ref, out):
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
 def test_triton_matches_reference(divergence, tail, temperature):
-    case = make_case(6, 1100, 70, id_dtype=torch.int32)
+    case = make_case(6, 4500, 70, id_dtype=torch.int32)
     kw = dict(divergence=divergence, tail=tail, temperature=temperature, ce_weight=0.5, beta=0.3)
     assert_close(torch.float32, run(case, "reference", **kw), run(case, "triton", **kw))
 
@@ -119,3 +131,92 @@ def test_triton_fused_linear_matches_torch():
         out.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
     for a, b in zip(*out):
         torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_launch_config_spans_blocks_in_these_tests():
+    from triton_kernels.sparse_kd import launch_config
+
+    assert launch_config(4500, 70)[:2] == (4096, 64)  # the shapes above really cross block boundaries
+    for vocab in (37, 1000, 32000, 262144):
+        block_v, block_k, num_warps = launch_config(vocab, 64)
+        assert block_v >= 16 and block_v & (block_v - 1) == 0 and 1 <= num_warps <= 8
+        assert block_v < 256 or block_v // (32 * num_warps) >= 8  # 16-byte loads of bf16 per thread
+
+
+@pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
+def test_triton_temperature_below_one(divergence, tail):
+    case = make_case(5, 613, 9, seed=6)
+    kw = dict(divergence=divergence, tail=tail, temperature=0.5, ce_weight=0.3, beta=0.4)
+    assert_close(torch.float32, run(case, "reference", grad_scale=1.7, **kw),
+                 run(case, "triton", grad_scale=1.7, **kw))
+
+
+@pytest.mark.parametrize("divergence,tail", list(itertools.product(DIVERGENCES, TAILS)))
+def test_triton_all_rows_ignored(divergence, tail):
+    case = make_case(4, 300, 8, ignore_frac=2.0)
+    case["labels"][:] = -100
+    value, grad = run(case, "triton", ce_weight=1.0, temperature=2.0, divergence=divergence, tail=tail, beta=0.3)
+    assert value.item() == 0.0 and torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
+
+
+def test_triton_renormalize_reverse_kl_pinned_negative():
+    # reverse KL against the renormalized teacher sums over S only (axolotl): here exactly P log P < 0
+    n, vocab, k, mass = 3, 200, 5, 0.2
+    g = torch.Generator().manual_seed(12)
+    logq = torch.log_softmax(torch.randn(n, k, generator=g, dtype=torch.float64), -1)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    logits = torch.randn(n, vocab, generator=g, dtype=torch.float64)
+    off = torch.ones(n, vocab, dtype=torch.bool).scatter_(1, ids, False)
+    log_off = torch.logsumexp(logits.masked_fill(~off, -torch.inf), -1, keepdim=True)
+    logits = logits.scatter(1, ids, logq + log_off + math.log(mass / (1 - mass))).float()
+    value = kdlib.kd_loss(logits.to(DEVICE), ids.to(DEVICE), logq.float().to(DEVICE), divergence="reverse_kl",
+                          tail="renormalize", backend="triton")
+    assert value.item() == pytest.approx(mass * math.log(mass), rel=1e-5) and value.item() < 0
+
+
+# --- the student tail: estimate from the gathers, exact pass for rows where it would cancel ----------------
+def _student_with_tail_fractions(vocab, k, fractions, temperature, seed=0):
+    """fp32 logits [N, V] whose softmax(z / τ) puts exactly (in float64) ``fractions[r]`` outside the ids."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(fractions)
+    ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(n)])
+    u = torch.randn(n, vocab, generator=g, dtype=torch.float64) * 2.0
+    off = torch.ones(n, vocab, dtype=torch.bool).scatter_(1, ids, False)
+    log_off = torch.logsumexp(u.masked_fill(~off, -torch.inf), -1, keepdim=True)
+    weights = torch.log_softmax(torch.randn(n, k, generator=g, dtype=torch.float64) * 2.0, -1)
+    frac = torch.tensor(fractions, dtype=torch.float64).unsqueeze(1)
+    u = u.scatter(1, ids, weights + log_off + torch.log1p(-frac) - torch.log(frac))
+    return (u * temperature).float(), ids
+
+
+@pytest.mark.parametrize("temperature", (1.0, 2.0, 0.5))
+def test_triton_tail_exact_on_both_paths(temperature):
+    from triton_kernels.sparse_kd import EXACT_TAIL_BELOW, row_stats
+
+    vocab, k = 4500, 70
+    # above the threshold: the estimate total − Σ_S; below: the exact membership pass (down to K = V-like
+    # tails under the 1e-30 floor)
+    fractions = [0.9, 0.3, 5e-2, 2 * EXACT_TAIL_BELOW, EXACT_TAIL_BELOW / 2, 1e-4, 1e-9, 1e-15, 1e-40]
+    assert any(f >= EXACT_TAIL_BELOW for f in fractions) and any(f < EXACT_TAIL_BELOW for f in fractions)
+    logits, ids = _student_with_tail_fractions(vocab, k, fractions, temperature)
+    stats = row_stats(logits.to(DEVICE), ids.to(DEVICE), torch.zeros(len(fractions), dtype=torch.int64,
+                      device=DEVICE), temperature, need_tail=True)
+    u = logits.double() / temperature  # the fp32 logits' own exact tail
+    off = torch.ones_like(u, dtype=torch.bool).scatter_(1, ids, False)
+    truth = (torch.logsumexp(u.masked_fill(~off, -torch.inf), -1) - torch.logsumexp(u, -1)).clamp_min(LOG_TAIL_FLOOR)
+    # 2e-5 relative on the tail mass, plus fp32 rounding of log T itself (|log T| · 2^-23)
+    err = (stats.log_tail.cpu().double() - truth).abs()
+    assert (err <= 2e-5 + truth.abs() * 2**-23).all(), err.tolist()
+    # and the whole loss against the reference (grads included) on the rows above the 1e-30 floor: below it
+    # the reference's clamp has zero gradient while the closed form keeps the unclamped one
+    rows = [r for r, f in enumerate(fractions) if f > 1e-30]
+    logits, ids = logits[rows], ids[rows]
+    teacher = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logprobs = torch.log_softmax(teacher, -1).gather(1, ids).float()  # teacher on the same ids
+    case = dict(student_logits=logits.to(DEVICE).requires_grad_(True), topk_ids=ids.to(DEVICE),
+                topk_logprobs=logprobs.to(DEVICE), labels=torch.randint(0, vocab, (len(rows),)).to(DEVICE),
+                teacher_lse=torch.logsumexp(teacher, -1).float().to(DEVICE),
+                lse_t={temperature: torch.logsumexp(teacher / temperature, -1).float().to(DEVICE)})
+    for divergence in ("forward_kl", "reverse_kl"):
+        kw = dict(divergence=divergence, tail="bucket", temperature=temperature, ce_weight=0.5)
+        assert_close(torch.float32, run(case, "reference", **kw), run(case, "triton", **kw))

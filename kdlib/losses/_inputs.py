@@ -86,14 +86,37 @@ def flatten_targets(
     teacher_lse: torch.Tensor | None,
     teacher_lse_at_temperature: torch.Tensor | None,
     config: LossConfig,
+    validate: bool = True,
 ) -> FlatInputs:
     """Check shapes/dtypes/ranges against the student's leading dims ``lead`` and vocabulary ``vocab`` and
-    flatten every [..., X] target to [N, X]. Raises ValueError saying what is wrong and how to fix it."""
+    flatten every [..., X] target to [N, X]. Raises ValueError saying what is wrong and how to fix it.
+
+    Shape and dtype checks read only metadata. The range checks of ``topk_ids`` and ``labels`` read the
+    data: on CUDA they cost ONE host-device synchronization per call (both reduced on the device, one
+    ``.item()``); ``validate=False`` skips them (out-of-range ids then give undefined results or a device
+    assert instead of a clear error)."""
     return _flatten(device, topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_at_temperature, config,
-                    tuple(lead), int(vocab))
+                    tuple(lead), int(vocab), bool(validate))
 
 
-def _flatten(device, topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_t, config, lead, vocab):
+def _range_errors(ids: torch.Tensor, labels: torch.Tensor | None, valid: torch.Tensor, vocab: int,
+                  ignore_index: int) -> None:
+    """Raise for ids or labels outside [0, V). Reductions stay on the device; the single ``.item()`` is
+    the only synchronization, the messages are built (with more reads) only when something is wrong."""
+    lo, hi = torch.aminmax(ids)
+    bad = (lo < 0) | (hi >= vocab)
+    if labels is not None:
+        bad = bad | (valid & ((labels < 0) | (labels >= vocab))).any()
+    if not bad.item():
+        return
+    if int(lo) < 0 or int(hi) >= vocab:
+        raise ValueError(
+            f"topk_ids contains ids outside [0, V={vocab}) (min {int(lo)}, max {int(hi)}); the cache was built "
+            "with a different vocabulary than the student's, or the ids were not decoded")
+    raise ValueError(f"labels contain values outside [0, V={vocab}) that are not ignore_index={ignore_index}")
+
+
+def _flatten(device, topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_t, config, lead, vocab, validate):
     if topk_ids.dim() != len(lead) + 1 or tuple(topk_ids.shape[:-1]) != lead:
         raise ValueError(
             f"topk_ids has shape {tuple(topk_ids.shape)}; expected {lead + ('K',)} matching the student's "
@@ -111,30 +134,20 @@ def _flatten(device, topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_t
                          f"student logits on {device}; move the batch to the student's device")
     n = math.prod(lead)
     ids = topk_ids.reshape(n, k).to(torch.int64)  # widen on the device (uint16/int32 from the cache)
-    if n > 0:
-        bad = (ids < 0) | (ids >= vocab)
-        if bool(bad.any()):
-            raise ValueError(
-                f"topk_ids contains ids outside [0, V={vocab}) (min {int(ids.min())}, max {int(ids.max())}); "
-                "the cache was built with a different vocabulary than the student's, or the ids were not "
-                "decoded")
     if labels is not None:
         _check_shape("labels", labels, lead, "one label per position")
         if labels.is_floating_point():
             raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
         flat_labels = labels.reshape(n).to(device=device, dtype=torch.int64)
         valid = flat_labels != config.ignore_index
-        if n > 0:
-            bad = valid & ((flat_labels < 0) | (flat_labels >= vocab))
-            if bool(bad.any()):
-                raise ValueError(f"labels contain values outside [0, V={vocab}) that are not "
-                                 f"ignore_index={config.ignore_index}")
     else:
         if config.ce_weight > 0:
             raise ValueError("ce_weight > 0 needs labels: pass labels=... (ignore_index marks positions "
                              "without a target) or set ce_weight=0")
         flat_labels = None
         valid = torch.ones(n, dtype=torch.bool, device=device)
+    if validate and n > 0:
+        _range_errors(ids, flat_labels, valid, vocab, config.ignore_index)
     needs_lse = config.temperature != 1.0 and config.tail in ("bucket", "none") and config.kd_weight > 0
     if needs_lse and (teacher_lse is None or teacher_lse_t is None):
         missing = [nm for nm, v in (("teacher_lse", teacher_lse), ("teacher_lse_at_temperature", teacher_lse_t))

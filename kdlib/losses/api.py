@@ -47,6 +47,7 @@ def kd_loss(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_rows: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Sparse knowledge-distillation loss from cached teacher top-k log-probs, fused with cross-entropy.
 
@@ -69,7 +70,8 @@ def kd_loss(
     * ``renormalize``: teacher q̃ = q / Q on S and 0 elsewhere, student p over the full vocabulary;
       D = Σ_V f(q̃_j, p_j) = Σ_S f(q̃_i, p_i) + f(0, 1 − P). The last term is 0 for forward KL,
       (1−β)(1 − P) log(1/(1−β)) for JSD and (1 − P)/2 for TVD; for reverse KL it would be +∞, so
-      reverse KL sums over S only: D = Σ_S p_i log(p_i / q̃_i).
+      reverse KL sums over S only: D = Σ_S p_i log(p_i / q̃_i) (axolotl's convention). **This can be
+      negative** (P log P < 0 when p_i = P q̃_i); use ``bucket`` for a reverse KL that is >= 0.
     * ``none``: D = Σ_S f(q_i, p_i), teacher not renormalized, no tail term.
 
     Teacher at τ: q_i = exp((ℓ_i + teacher_lse)/τ − teacher_lse_at_temperature) for ``bucket``/``none``
@@ -93,7 +95,12 @@ def kd_loss(
         teacher_lse_at_temperature: [...] fp32 teacher logsumexp(logits / τ) (cache key ``lse_t{τ:g}``).
         backend: ``auto`` (Triton on CUDA, PyTorch otherwise) | ``torch`` | ``triton`` | ``reference``.
         reduction: ``mean`` | ``sum`` | ``none`` (per-position [...] losses, 0 at ignored positions).
-        chunk_rows: rows per chunk of the PyTorch pass (default ≈ 1 MB of fp32 per chunk).
+        chunk_rows: rows per chunk of the PyTorch pass (default: 2^23 elements per chunk, i.e. 32 MB of
+            fp32 temporaries, ``torch_pass.CHUNK_ELEMENTS``: each op on a chunk is one OpenMP barrier, and
+            thousands of small chunks made the loss several times slower than CE on a busy CPU).
+        validate: check that ``topk_ids`` and ``labels`` lie in [0, V) (clear error otherwise). The check
+            reads the data, which on CUDA is one host-device synchronization per call; pass False in a
+            hot loop whose inputs are already known good.
 
     Returns:
         Scalar loss (fp32, fp64 for fp64 logits), or [...] per position with ``reduction="none"``.
@@ -117,7 +124,7 @@ def kd_loss(
     vocab = student_logits.shape[-1]
     lead = tuple(student_logits.shape[:-1])
     flat = flatten_targets(lead, vocab, student_logits.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, config)
+                           teacher_lse_at_temperature, config, validate=validate)
     logits = student_logits.reshape(-1, vocab)
     if not logits.is_contiguous():
         logits = logits.contiguous()
@@ -180,7 +187,7 @@ class KDLoss(nn.Module):
 
     def __init__(self, **config: Any) -> None:
         super().__init__()
-        probe = {k: v for k, v in config.items() if k not in ("backend", "chunk_rows")}
+        probe = {k: v for k, v in config.items() if k not in ("backend", "chunk_rows", "validate")}
         LossConfig(**probe)  # validate early, with the same messages
         self.config = dict(config)
 

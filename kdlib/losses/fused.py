@@ -3,8 +3,9 @@
 Shape notation:
     N: rows (flattened positions), V: vocabulary, K: teacher top-k.
 
-Forward reads the [N, V] logits once (:func:`row_stats` of the backend: logsumexps, exact student tail,
-k + 1 gathers), does the K-wide math of :mod:`.sparse_math` on [N, K] tensors, and saves only [N] and
+Forward reads the [N, V] logits once (:func:`row_stats` of the backend: logsumexps, the student tail
+without cancellation, k + 1 gathers; the Triton pass re-reads only rows whose tail is < 1 % of their
+mass), does the K-wide math of :mod:`.sparse_math` on [N, K] tensors, and saves only [N] and
 [N, K] tensors. Backward reads the logits once more and writes the gradient once:
 
     dL_r/dz_j = c1_r · softmax(z_r)_j + ct_r · softmax(z_r / τ)_j − c1_r [j = label_r]     (j ∉ S)

@@ -13,6 +13,12 @@ and closed-form gradient on that chunk (same backend passes as :func:`kdlib.kd_l
 so the peak extra memory is O(C × V) (the chunk's logits and their gradient) plus the [V, H] gradient
 accumulator; the backward only scales the stored gradients by grad_output. Matmuls stay in PyTorch
 (cuBLAS / MKL beat a hand-written kernel); the per-chunk V-pass uses Triton on CUDA.
+
+Low-precision (bf16/fp16) parameters: the chunk gradient is written in fp32 and accumulated into an fp32
+[V, H] buffer with ``addmm_`` (the only copies are chunk-sized: [C, H] of hidden and the [C, V] gradient
+cast back for ``grad_hidden``); the accumulator is cast to the parameter dtype once, after the last chunk.
+Without grad mode (``torch.no_grad()``, eval) or when nothing requires grad, only the forward runs: no
+gradient buffers, no [C, V] gradient, no extra matmuls.
 """
 
 from __future__ import annotations
@@ -41,18 +47,24 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     """Scalar loss from hidden [N, H] and W [V, H]; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, flat: FlatInputs, config: LossConfig, backend: str, chunk_size: int):
+    def forward(ctx, hidden, weight, bias, flat: FlatInputs, config: LossConfig, backend: str, chunk_size: int,
+                grad_wanted: bool):
         backend_mod = get_backend(backend)
         n = hidden.shape[0]
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        row_scale = 1.0
+        # a device tensor, not a Python number: int(valid.sum()) would be a host-device sync per call
+        row_scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
         if config.reduction == "mean":
-            row_scale = 1.0 / max(int(flat.valid.sum()), 1)
-        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) \
-            if bias is not None and ctx.needs_input_grad[2] else None
+            row_scale = 1.0 / flat.valid.sum().clamp_min(1).to(acc_dtype)
+        # needs_input_grad only reflects requires_grad; under torch.no_grad() it stays True, so the caller
+        # passes grad_wanted (grad mode was on) and nothing gradient-related is computed in eval loops
+        need_hidden, need_weight, need_bias = (grad_wanted and ctx.needs_input_grad[i] for i in range(3))
+        need_bias = need_bias and bias is not None
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        # fp32 accumulators whatever the parameter dtype: summing bf16 partial products over chunks would
+        # lose the small ones; cast once after the loop
+        grad_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if need_weight else None
+        grad_bias = torch.zeros(bias.shape, dtype=acc_dtype, device=bias.device) if need_bias else None
         total = torch.zeros((), dtype=acc_dtype, device=hidden.device)
         for r0 in range(0, n, chunk_size):
             r1 = min(n, r0 + chunk_size)
@@ -61,35 +73,44 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
             sub = _slice_rows(flat, r0, r1)
             out = row_loss_and_grad_coefs(logits, sub, config, backend_mod)
             total += out.rows.sum().to(acc_dtype)
+            if not (need_hidden or need_weight or need_bias):
+                continue  # forward only: no [C, V] gradient, no matmuls
+            safe_labels = torch.where(sub.valid, sub.labels, 0) if sub.labels is not None \
+                else torch.zeros_like(sub.valid, dtype=torch.int64)
+            # the chunk's gradient straight in the accumulator dtype: no rounding to bf16 before the
+            # reduction over rows in grad_W (the pass computes in fp32 anyway)
             grad_logits = backend_mod.write_grad(
-                logits, sub.topk_ids, torch.where(sub.valid, sub.labels, 0) if sub.labels is not None
-                else torch.zeros_like(sub.valid, dtype=torch.int64), out.lse_1, out.lse_t,
-                out.coef_1 * row_scale, out.coef_t * row_scale, out.grad_on_support * row_scale,
-                config.temperature)  # [C, V] in the logits' dtype
+                logits, sub.topk_ids, safe_labels, out.lse_1, out.lse_t, out.coef_1 * row_scale,
+                out.coef_t * row_scale, out.grad_on_support * row_scale, config.temperature,
+                out_dtype=acc_dtype)  # [C, V] fp32 (fp64 for fp64 inputs)
             del logits
-            if grad_hidden is not None:
-                torch.matmul(grad_logits, weight, out=grad_hidden[r0:r1])
-            if grad_weight is not None:
-                if grad_weight.dtype == grad_logits.dtype:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                else:
-                    grad_weight += (grad_logits.t() @ h).to(acc_dtype)
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0, dtype=acc_dtype)
+            if need_hidden:
+                g_low = grad_logits if hidden.dtype == acc_dtype else grad_logits.to(hidden.dtype)  # [C, V]
+                torch.matmul(g_low, weight, out=grad_hidden[r0:r1])
+                del g_low
+            if need_weight:
+                # [V, C] @ [C, H] accumulated in place: only chunk-sized copies ([C, H] here), never a
+                # [V, H] temporary per chunk
+                grad_weight.addmm_(grad_logits.t(), h if h.dtype == acc_dtype else h.to(acc_dtype))
+            if need_bias:
+                grad_bias += grad_logits.sum(0)
             del grad_logits
+        if grad_weight is not None and weight.dtype != acc_dtype:
+            grad_weight = grad_weight.to(weight.dtype)  # the one cast; the fp32 accumulator is freed
+        if grad_bias is not None and bias.dtype != acc_dtype:
+            grad_bias = grad_bias.to(bias.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return (total * row_scale).to(acc_dtype)
+        return total * row_scale
 
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        go = grad_output
-        gh = None if grad_hidden is None else grad_hidden * go.to(grad_hidden.dtype)
-        gw = None if grad_weight is None else (grad_weight * go).to(ctx.weight_dtype)
-        gb = None if grad_bias is None else (grad_bias * go).to(ctx.bias_dtype)
-        return gh, gw, gb, None, None, None, None
+        # a 0-dim fp32 factor does not promote: each product is computed in fp32 and rounded once to the
+        # parameter's dtype, allocating only the returned gradient
+        gh = None if grad_hidden is None else grad_hidden * grad_output
+        gw = None if grad_weight is None else grad_weight * grad_output
+        gb = None if grad_bias is None else grad_bias * grad_output
+        return gh, gw, gb, None, None, None, None, None
 
 
 def kd_loss_from_hidden(
@@ -113,12 +134,14 @@ def kd_loss_from_hidden(
     backend: str = "auto",
     reduction: str = "mean",
     chunk_size: int = 1024,
+    validate: bool = True,
 ) -> torch.Tensor:
     """:func:`kdlib.kd_loss` of ``hidden @ lm_head_weightᵀ + lm_head_bias`` without materializing it.
 
     Same options and definitions as :func:`kdlib.kd_loss` (reduction ``mean`` or ``sum`` only). Gradients
     for ``hidden``, ``lm_head_weight`` and ``lm_head_bias`` are computed during the forward, ``chunk_size``
-    rows at a time, so peak memory is O(chunk_size × V) instead of O(N × V).
+    rows at a time, so peak memory is O(chunk_size × V) instead of O(N × V). Under ``torch.no_grad()`` (or
+    when no input requires grad) only the loss is computed, at the cost of a forward.
 
     Args:
         hidden: [..., H] final hidden states (after the final norm).
@@ -127,6 +150,7 @@ def kd_loss_from_hidden(
             leading dims equal to hidden's.
         lm_head_bias: optional [V].
         chunk_size: rows per chunk (memory ∝ chunk_size × V).
+        validate: range-check ids and labels (one host-device sync on CUDA); see :func:`kdlib.kd_loss`.
 
     Returns:
         Scalar loss (fp32; fp64 for fp64 inputs).
@@ -148,8 +172,10 @@ def kd_loss_from_hidden(
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     lead = tuple(hidden.shape[:-1])
     flat = flatten_targets(lead, vocab, hidden.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, config)
+                           teacher_lse_at_temperature, config, validate=validate)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     resolved = resolve_backend(backend, hidden.device)
+    grad_wanted = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
     return FusedLinearSparseKDFunction.apply(hidden_2d, lm_head_weight, lm_head_bias, flat, config, resolved,
-                                             int(chunk_size))
+                                             int(chunk_size), grad_wanted)
