@@ -7,10 +7,13 @@ Shape notation::
 ``loader_throughput(cache, batch_size)`` is called by ``bench_read.py``; it is also runnable standalone::
 
     python benchmarks/loader_throughput.py --quick                   # synthetic cache, ~20 s
+    python benchmarks/loader_throughput.py --quick --cold            # every run starts with nothing decoded
     python benchmarks/loader_throughput.py --cache my_cache --batch-size 16 --workers 0,2,4
 
 Tokens/s counts positions delivered (B x T per batch) after ``warmup_batches``; worker start-up is reported
-separately (``startup_s``: time to the first batch). The loader does the full training-side work per batch:
+separately (``startup_s``: time to the first batch). Warm (default): every shard is decoded before timing, so a
+batch is memory-map slices (the steady state of a local cache). ``--cold``: each worker count reads through its
+own empty decode directory, so shard decoding (and the loader's next-window prefetch) is part of the time. The loader does the full training-side work per batch:
 shard-aware shuffled indices, per-shard gathers, labels. Writes ``benchmarks/results/loader_throughput*.json``;
 the last stdout line is the JSON summary.
 """
@@ -44,6 +47,7 @@ def loader_throughput(
     seed: int = 0,
     prefetch: int = 2,
     prepare: bool = True,
+    cold_decode_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Measure loader throughput for each worker count.
 
@@ -57,6 +61,8 @@ def loader_throughput(
         seed: shuffle seed.
         prefetch: batches read ahead per worker.
         prepare: decode every shard before timing (measures the loader, not shard decoding).
+        cold_decode_root: if given, each worker count opens the cache afresh with its own empty decode
+            directory under this root (``prepare`` is ignored): decoding is timed too.
 
     Returns:
         ``{"batch_size", "seq_len", "topk", "shuffle", "per_workers": [{"num_workers", "batches",
@@ -65,12 +71,16 @@ def loader_throughput(
     import kdlib
 
     reader = kdlib.open_cache(cache) if isinstance(cache, (str, Path)) else cache
-    if prepare:
+    if prepare and cold_decode_root is None:
         reader.prepare()
     tokens_per_batch = batch_size * reader.seq_len
     results = []
     for num_workers in num_workers_list:
-        loader = kdlib.make_loader(reader, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
+        run_reader = reader
+        if cold_decode_root is not None:
+            location = getattr(reader, "path", None) or reader.url
+            run_reader = kdlib.open_cache(location, decode_dir=Path(cold_decode_root) / f"workers{num_workers}")
+        loader = kdlib.make_loader(run_reader, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
                                    prefetch=prefetch, drop_last=True, pin_memory=False)
         limit = len(loader) if max_batches is None else min(len(loader), max_batches)
         if limit <= warmup_batches:
@@ -105,6 +115,7 @@ def loader_throughput(
         "seq_len": reader.seq_len,
         "topk": reader.topk,
         "shuffle": shuffle,
+        "cold": cold_decode_root is not None,
         "per_workers": results,
         "best_tokens_per_s": max(r["tokens_per_s"] for r in results),
     }
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", default="0,2", help="comma-separated worker counts")
     parser.add_argument("--no-shuffle", action="store_true")
+    parser.add_argument("--cold", action="store_true", help="nothing decoded before each run (decoding is timed)")
     parser.add_argument("--max-batches", type=int, default=None)
     parser.add_argument("--sequences", type=int, default=None, help="synthetic cache size (quick 1024, full 8192)")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -140,11 +152,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache = kdlib.open_cache(cache_path, decode_dir=work / "decoded")
         max_batches = args.max_batches or (100 if args.quick else 1000)
         summary = loader_throughput(cache, args.batch_size, [int(w) for w in args.workers.split(",")],
-                                    shuffle=not args.no_shuffle, max_batches=max_batches)
+                                    shuffle=not args.no_shuffle, max_batches=max_batches,
+                                    cold_decode_root=work / "cold" if args.cold else None)
         summary["benchmark"] = "loader_throughput"
         summary["quick"] = args.quick
         summary["cache_sequences"] = cache.num_sequences
-        path = write_results("loader_throughput" + ("_quick" if args.quick else ""), summary, summary["per_workers"])
+        name = "loader_throughput" + ("_cold" if args.cold else "") + ("_quick" if args.quick else "")
+        path = write_results(name, summary, summary["per_workers"])
         print(f"wrote {path}", file=sys.stderr)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -4,21 +4,26 @@ Shape notation::
 
     B  sequences per batch   T  positions per sequence   V  vocabulary   K  cached top-k
 
-One small GPT student (default 4 layers, d_model 256, V 8192, T 256, B 8) alternates two kinds of training
-step on the same model and optimizer, after a warm-up, in ABBA order (so drift hits both modes equally):
+One small GPT student (default 4 layers, d_model 256, V 8192, T 256, B 8) alternates several kinds of training
+step on the same model and optimizer, after a warm-up, in ABBA order (so drift hits every mode equally):
 
 * ``ce``: tokens from a plain in-memory array [N, T] → student → ``F.cross_entropy`` → backward → AdamW.
-* ``kd``: the same tokens from the local cache via ``kdlib.make_loader`` (shard-aware shuffle, background
-  prefetch) → student → ``distill_loss`` (alignment check + ``kd_loss`` fused with CE, ``ce_weight``) →
-  backward → AdamW.
-* ``kd_http`` (``--http``): like ``kd`` but the cache is read through the HTTP server (``tests/serverproc.py``).
+* ``ce_loader``: the same CE step, but its tokens and labels come from the local cache via ``kdlib.make_loader``
+  (the loader's whole cost, no KD loss): ``loader_overhead_ratio = median(ce_loader) / median(ce)``.
+* ``kd``: tokens from the local cache via ``kdlib.make_loader`` (shard-aware shuffle, background prefetch) →
+  student → ``distill_loss`` (alignment check + ``kd_loss`` fused with CE, ``ce_weight``) → backward → AdamW.
+* ``kd_http`` (``--http``): like ``kd`` but the cache is read through the HTTP server (``tests/serverproc.py``),
+  from a fresh local shard directory (nothing fetched or decoded before timing) limited to
+  ``3 * shuffle_window_shards`` shards (smaller than the cache, so a longer run fetches shards again every
+  epoch). The loader fetches and decodes the next shuffle window in the background; ``http_requests_timed``
+  counts the HTTP requests made while the timed steps ran (the JSON shows that traffic happened).
 
-Each step's wall time includes fetching its batch. Reported: per-mode medians and
+Each step's wall time includes fetching its batch. Reported: per-mode medians and the headline
 ``overhead_ratio = median(kd) / median(ce)`` (target ≤ 1.02), in wall time and in process CPU time (all threads,
-including the loader's prefetch thread; steadier than wall time on a shared machine, whose load average is
-recorded). Correctness is checked before timing: the
-batches hold the cache's tokens, and the KD step's loss equals ``kdlib.kd_loss`` computed directly on widened
-copies of the same batch.
+including the loader's prefetch threads; steadier than wall time on a shared machine, whose load average is
+recorded). Correctness is checked before timing: the batches hold the cache's tokens, the KD step's loss equals
+``kdlib.kd_loss`` computed directly on widened copies of the same batch, and the HTTP reader returns the local
+cache's bytes.
 
 Usage::
 
@@ -96,8 +101,9 @@ def fast_synthetic_shard(rng: np.random.Generator, n: int, T: int, K: int, V: in
     }
 
 
-def write_cache(out_dir: Path, N: int, T: int, K: int, V: int, seed: int = 0) -> Path:
-    layout = fmt.CacheLayout(num_sequences=N, seq_len=T, topk=K, vocab_size=V, shard_seqs=32, chunk_seqs=8)
+def write_cache(out_dir: Path, N: int, T: int, K: int, V: int, seed: int = 0, shard_seqs: int = 16) -> Path:
+    layout = fmt.CacheLayout(num_sequences=N, seq_len=T, topk=K, vocab_size=V, shard_seqs=shard_seqs,
+                             chunk_seqs=min(8, shard_seqs))
     writer = CacheWriter(out_dir, layout, settings={"generator": "step_overhead.fast_synthetic_shard",
                                                     "seed": seed},
                          manifest_fields={"teacher": {"name": "synthetic"}})
@@ -132,7 +138,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_steps(model, optimizer, tokens: torch.Tensor, kd_batches: dict[str, Iterator[dict]], order: np.ndarray,
-               batch_size: int, kd_kwargs: dict[str, Any], device: torch.device) -> dict[str, Callable[[], float]]:
+               batch_size: int, kd_kwargs: dict[str, Any], device: torch.device,
+               ce_batches: Iterator[dict] | None = None) -> dict[str, Callable[[], float]]:
     """One closure per mode; each runs one full training step and returns its loss."""
     ce_position = [0]
 
@@ -143,6 +150,15 @@ def make_steps(model, optimizer, tokens: torch.Tensor, kd_batches: dict[str, Ite
         labels = shift_labels(input_ids)
         logits = model(input_ids=input_ids).logits  # [B, T, V]
         loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def ce_loader_step() -> float:
+        batch = move_batch(next(ce_batches), device)  # tokens [B, T] int64 and labels [B, T] from the cache loader
+        logits = model(input_ids=batch["input_ids"]).logits  # [B, T, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -160,6 +176,8 @@ def make_steps(model, optimizer, tokens: torch.Tensor, kd_batches: dict[str, Ite
         return kd_step
 
     steps = {"ce": ce_step}
+    if ce_batches is not None:
+        steps["ce_loader"] = ce_loader_step
     for name, batches in kd_batches.items():
         steps[name] = kd_step_for(batches)
     return steps
@@ -188,12 +206,22 @@ def check_correctness(model, cache, kd_kwargs: dict[str, Any], device: torch.dev
     return err
 
 
-def http_cache(cache_dir: Path, stack: contextlib.ExitStack, decode_dir: Path):
-    """Serve the cache with the project's server (tests/serverproc.py) and open it by URL."""
+def http_cache(cache_dir: Path, stack: contextlib.ExitStack, shard_cache_dir: Path, shard_cache_bytes: int):
+    """Serve the cache with the project's server (tests/serverproc.py) and open it by URL, with an empty local
+    shard directory of ``shard_cache_bytes`` (nothing is fetched or decoded before timing)."""
     from tests.serverproc import ServerProcess
 
-    server = stack.enter_context(ServerProcess([str(cache_dir)], token_dir=decode_dir.parent))
-    return kdlib.open_cache(server.cache_url(cache_dir.name), decode_dir=decode_dir)
+    server = stack.enter_context(ServerProcess([str(cache_dir)], token_dir=shard_cache_dir.parent))
+    return kdlib.open_cache(server.cache_url(cache_dir.name), shard_cache_dir=shard_cache_dir,
+                            shard_cache_bytes=shard_cache_bytes)
+
+
+def check_http_bytes(remote, cache) -> None:
+    """The HTTP reader returns exactly the local cache's arrays (one sequence; fetches a few shards)."""
+    got, want = remote.read(0, 1), cache.read(0, 1)
+    for name, value in want.items():
+        if not torch.equal(got[name], value):
+            raise RuntimeError(f"HTTP reader's {name} differs from the local cache's")
 
 
 # ----------------------------------------------------------------------------------------------- main
@@ -212,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--d-model", type=int, default=256)
     parser.add_argument("--sequences", type=int, default=None, help="cache size (quick 256, full 2048)")
+    parser.add_argument("--shard-seqs", type=int, default=16,
+                        help="sequences per shard (small, so the quick run crosses several shuffle windows)")
+    parser.add_argument("--window-shards", type=int, default=4, help="loader shuffle_window_shards")
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--device", default=None, help="default: cuda when available (full mode), else cpu")
@@ -235,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache_dir = args.cache_dir or tmp / "cache"
         t0 = time.perf_counter()
         if not (cache_dir / fmt.MANIFEST_NAME).exists():
-            write_cache(cache_dir, N, T, K, V)
+            write_cache(cache_dir, N, T, K, V, shard_seqs=args.shard_seqs)
         cache = kdlib.open_cache(cache_dir, decode_dir=tmp / "decoded")
         if (cache.seq_len, cache.topk, cache.vocab_size) != (T, K, V):
             raise SystemExit(f"--cache-dir holds T={cache.seq_len} K={cache.topk} V={cache.vocab_size}, not the "
@@ -250,18 +281,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"correctness: KD step loss == kd_loss on the same batch (|diff| {err:.2e})", file=sys.stderr)
 
         order = epoch_order(cache.num_sequences, cache.shard_seqs, shuffle=True, seed=0, epoch=0)
-        loader_kwargs = dict(seed=0, shuffle=True, num_workers=0, prefetch=2,
-                             pin_memory=device.type == "cuda")
+        loader_kwargs = dict(seed=0, shuffle=True, num_workers=0, prefetch=2, pin_memory=device.type == "cuda",
+                             shuffle_window_shards=args.window_shards)
         kd_batches = {"kd": cycle(kdlib.make_loader(cache, B, **loader_kwargs))}
+        ce_batches = cycle(kdlib.make_loader(cache, B, **loader_kwargs))
         http_note = None
+        remote = None
+        http: dict[str, Any] = {}
         if args.http:
             if not (REPO / "tests" / "serverproc.py").exists():
                 http_note = "tests/serverproc.py does not exist yet: HTTP mode skipped"
             else:
-                remote = http_cache(cache_dir, stack, tmp / "decoded_http")
-                remote.prepare()
+                decoded_per_shard = cache.store.decoded_bytes() / cache.num_shards
+                shard_cache_shards = min(cache.num_shards - 1, 3 * args.window_shards)
+                http["shard_cache_bytes"] = int(decoded_per_shard * (shard_cache_shards + 0.5))
+                http["cache_decoded_bytes"] = cache.store.decoded_bytes()
+                # A fresh directory per run and no prepare(): the timed steps fetch what they read.
+                remote = http_cache(cache_dir, stack, tmp / f"shards_http_{os.getpid()}_{time.time_ns()}",
+                                    http["shard_cache_bytes"])
+                check_http_bytes(remote, cache)
                 kd_batches["kd_http"] = cycle(kdlib.make_loader(remote, B, **loader_kwargs))
-        steps_by_mode = make_steps(model, optimizer, tokens, kd_batches, order, B, kd_kwargs, device)
+        steps_by_mode = make_steps(model, optimizer, tokens, kd_batches, order, B, kd_kwargs, device, ce_batches)
         modes = list(steps_by_mode)
 
         times: dict[str, list[float]] = {m: [] for m in modes}
@@ -272,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from tqdm import tqdm
 
         for i in tqdm(range(total), desc="steps", unit="round", file=sys.stderr):
+            if remote is not None and i == warmup:
+                http_start = dict(remote.source.stats)
+                evicted_start = remote.store.evicted
             round_modes = modes if i % 2 == 0 else modes[::-1]  # ABBA: drift hits every mode alike
             for mode in round_modes:
                 synchronize(device)
@@ -286,6 +329,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     cpu_times[mode].append(cpu_s)
                     rows.append({"round": i - warmup, "mode": mode, "step_s": elapsed_s, "cpu_s": cpu_s,
                                  "loss": float(loss)})
+        if remote is not None:
+            # Requests of every thread of this process (the loader's producer and the shard-prefetch threads)
+            # while the timed rounds ran.
+            http["http_requests_timed"] = remote.source.stats["requests"] - http_start["requests"]
+            http["http_bytes_timed"] = remote.source.stats["bytes"] - http_start["bytes"]
+            http["http_retries_timed"] = remote.source.stats["retries"] - http_start["retries"]
+            http["shards_evicted_timed"] = remote.store.evicted - evicted_start
+            http["http_requests_total"] = remote.source.stats["requests"]
+            remote.close()
 
     load_after = os.getloadavg()
     medians = {m: statistics.median(v) for m, v in times.items()}
@@ -296,13 +348,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device),
         "torch": torch.__version__,
         "student": {"arch": "gpt2", "layers": args.layers, "d_model": args.d_model, "vocab": V},
-        "batch_size": B, "seq_len": T, "topk": K, "cache_sequences": N,
+        "batch_size": B, "seq_len": T, "topk": K, "cache_sequences": N, "shard_seqs": cache.shard_seqs,
+        "shuffle_window_shards": args.window_shards,
         "warmup_steps": warmup, "timed_steps_per_mode": steps,
         "kd_kwargs": kd_kwargs,
         **{f"{m}_median_s": round(v, 5) for m, v in medians.items()},
         "overhead_ratio": round(medians["kd"] / medians["ce"], 4),
+        "loader_overhead_ratio": round(medians["ce_loader"] / medians["ce"], 4),
         **{f"{m}_cpu_median_s": round(v, 5) for m, v in cpu_medians.items()},
         "overhead_ratio_cpu_time": round(cpu_medians["kd"] / cpu_medians["ce"], 4),
+        "loader_overhead_ratio_cpu_time": round(cpu_medians["ce_loader"] / cpu_medians["ce"], 4),
         # Noise on a shared machine only adds time: the per-round paired ratio (kd and ce ran back to back) and
         # the ratio of minima are robust views of the same quantity.
         "overhead_ratio_paired_median": round(statistics.median(
@@ -317,6 +372,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "kd_http" in medians:
         summary["http_overhead_ratio"] = round(medians["kd_http"] / medians["ce"], 4)
         summary["http_overhead_ratio_cpu_time"] = round(cpu_medians["kd_http"] / cpu_medians["ce"], 4)
+        summary.update(http)
     if http_note:
         summary["http_note"] = http_note
     summary["command"] = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__, REPO),

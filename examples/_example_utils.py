@@ -25,10 +25,12 @@ def tiny_gpt_student(vocab_size: int, seq_len: int, layers: int = 2, d_model: in
 
 
 def example_cache(cache: str | None, workdir: Path, num_sequences: int = 96, seq_len: int = 64, topk: int = 8,
-                  vocab_size: int = 512) -> Path:
-    """``cache`` if given; else a small synthetic teacher-shaped cache under ``workdir`` (written once)."""
+                  vocab_size: int = 512) -> str | Path:
+    """``cache`` if given (a URL stays a string); else a small synthetic cache under ``workdir`` (written once)."""
     if cache:
-        return Path(cache)
+        text = str(cache)
+        # Path("http://host/...") would collapse the "//" and open_cache would look for a local directory.
+        return text if text.startswith(("http://", "https://")) else Path(text)
     path = Path(workdir) / "example_cache"
     if not (path / "manifest.json").exists():
         from benchmarks._common import write_fast_synthetic_cache

@@ -11,12 +11,14 @@ Usage::
 The cache loader partitions by itself (rank and world size from the Accelerator), so it is NOT passed to
 ``accelerator.prepare`` (that would shard it a second time); only the model and optimizer are. Every rank
 takes the same number of steps per epoch (see ``kdlib.loader`` on remainders), so DDP's all-reduce never
-waits for a rank that ran out of data. ``--seen-dir`` writes each rank's cache indices to ``rank{r}.json``.
+waits for a rank that ran out of data. ``--seen-dir`` writes each rank's cache indices, losses and a sha256 of
+its final parameters to ``rank{r}.json`` (DDP keeps the replicas identical, so the hashes agree).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -76,11 +78,21 @@ def main(argv: list[str] | None = None) -> dict:
         args.seen_dir.mkdir(parents=True, exist_ok=True)
         (args.seen_dir / f"rank{accelerator.process_index}.json").write_text(json.dumps(
             {"rank": accelerator.process_index, "world_size": accelerator.num_processes, "seen": seen,
-             "steps": len(losses), "losses": losses, "loader_state": loader.state_dict()}))
+             "steps": len(losses), "losses": losses, "loader_state": loader.state_dict(),
+             "param_sha256": parameters_sha256(accelerator.unwrap_model(model))}))
     accelerator.print(f"rank 0: {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"steps": len(losses), "losses": losses, "seen": seen}
+
+
+def parameters_sha256(model: torch.nn.Module) -> str:
+    """A hash of every parameter's bytes, in name order (equal on every rank iff the replicas are in sync)."""
+    digest = hashlib.sha256()
+    for name, param in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

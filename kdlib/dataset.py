@@ -8,11 +8,14 @@ A sample (``dataset[i]``) is a dict of tensors::
 
     input_ids           [T]     int32
     labels              [T]     int64   input_ids shifted left, last = ignore_index (the cache convention)
-    topk_ids            [T, K]  uint16 | int32
+    topk_ids            [T, K]  int32
     topk_logprobs       [T, K]  float16
     lse, lse_t{tau:g}   [T]     float32
     sample_indices      []      int64   i
     teacher_vocab_size  []      int64
+
+Every cached top-k id is checked against the teacher's vocabulary here, on the CPU, so
+:func:`kdlib.check_alignment` does not have to scan them on the device.
 
 With a ``DataLoader(batch_size=B)`` the default collate stacks these to the batch layout of
 :func:`kdlib.make_loader`. Batched fetching (``__getitems__``, torch >= 2.2) reads a whole batch with one
@@ -30,7 +33,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from .alignment import DEFAULT_IGNORE_INDEX, shift_labels
+from .alignment import DEFAULT_IGNORE_INDEX, check_topk_ids_in_vocab, shift_labels
 from .loader import _CacheRef
 
 __all__ = ["CacheDataset"]
@@ -77,6 +80,9 @@ class CacheDataset(torch.utils.data.Dataset):
         idx = np.asarray(indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
         idx = np.array([self._index(i) for i in idx.reshape(-1)], dtype=np.int64)
         batch = self.cache.lookup(idx, arrays=self.arrays)
+        if "topk_ids" in batch:
+            # On the CPU where the batch is made, so the training step's alignment check needs no device sync.
+            check_topk_ids_in_vocab(batch["topk_ids"], self.vocab_size)  # [B, T, K]
         batch["labels"] = shift_labels(batch["input_ids"], self.ignore_index)  # [B, T]
         batch["sample_indices"] = torch.from_numpy(idx)  # [B]
         batch["teacher_vocab_size"] = torch.tensor(self.vocab_size, dtype=torch.int64)

@@ -1,4 +1,5 @@
-"""The training integrations end to end: plain loop (+ resume), KDTrainer, accelerate with 2 gloo processes."""
+"""The training integrations end to end: plain loop (+ resume, + a real server URL), KDTrainer (+ its example),
+accelerate with 2 gloo processes, the loader over a RemoteCache."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 import kdlib
 from kdlib.integrations import distill_loss
 from tests.cachefactory import make_synthetic_cache
+from tests.serverproc import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -33,6 +35,14 @@ def small_cache(tmp_path_factory):
     path, arrays = make_synthetic_cache(root / "cache", num_sequences=24, seq_len=16, topk=4, vocab_size=96,
                                         temperatures=(2.0,), shard_seqs=8, chunk_seqs=4, seed=2)
     return kdlib.open_cache(path, decode_dir=root / "decoded"), arrays
+
+
+@pytest.fixture(scope="module")
+def served_cache(small_cache, tmp_path_factory):
+    """``small_cache`` served by a real ``kdcache serve`` subprocess; yields its URL."""
+    cache, _ = small_cache
+    with ServerProcess([str(cache.path)], token_dir=tmp_path_factory.mktemp("server")) as server:
+        yield server.cache_url(cache.path.name)
 
 
 def test_plain_loop_trains_and_resumes_without_repeats(tmp_path):
@@ -66,6 +76,10 @@ def test_distill_loss_raises_on_misaligned_tokens_and_vocab(small_cache):
         distill_loss(logits, batch, student_input_ids=wrong)
     with pytest.raises(kdlib.AlignmentError, match="vocabulary has 128 entries but the cache's teacher had 96"):
         distill_loss(torch.randn(4, 16, 128), batch)
+    # A student embedding padded beyond the teacher's tokens passes when asked, and trains on the same targets.
+    padded = torch.cat([logits.detach(), torch.full((4, 16, 32), -30.0)], dim=-1)
+    torch.testing.assert_close(distill_loss(padded, batch, allow_padded_vocab=True, ce_weight=0.5, temperature=2.0),
+                               direct.detach(), rtol=1e-4, atol=1e-4)
 
 
 def _trainer(reader, train_dataset, tmp_path, **kw):
@@ -73,7 +87,8 @@ def _trainer(reader, train_dataset, tmp_path, **kw):
 
     from kdlib.integrations.hf_trainer import KDTrainer
 
-    model = _example("_example_utils").tiny_gpt_student(reader.vocab_size, reader.seq_len, layers=1, d_model=32)
+    vocab = kw.pop("student_vocab", reader.vocab_size)
+    model = _example("_example_utils").tiny_gpt_student(vocab, reader.seq_len, layers=1, d_model=32)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=3, per_device_train_batch_size=4,
                              learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                              remove_unused_columns=True, seed=0)
@@ -93,6 +108,19 @@ def test_kd_trainer_uses_kd_loss_on_the_cache_batch(small_cache, tmp_path):
     torch.testing.assert_close(loss, kd_loss_from_batch(logits, batch, ce_weight=0.2))
     output = trainer.train()
     assert trainer.state.global_step == 3 and torch.isfinite(torch.tensor(output.training_loss))
+
+
+def test_kd_trainer_padded_student_vocab_needs_the_option(small_cache, tmp_path):
+    cache, _ = small_cache
+    dataset = kdlib.CacheDataset(cache)
+    batch = dict(_trainer(cache, dataset, tmp_path).data_collator(dataset.__getitems__([0, 1])))
+    with pytest.raises(kdlib.AlignmentError, match="allow_padded_vocab=True"):
+        trainer = _trainer(cache, dataset, tmp_path, student_vocab=cache.vocab_size + 32)
+        trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
+    trainer = _trainer(cache, dataset, tmp_path, student_vocab=cache.vocab_size + 32, allow_padded_vocab=True)
+    inputs = trainer._prepare_inputs(batch)
+    assert inputs["teacher_vocab_size"].device.type == "cpu"  # read by the check without a device sync
+    assert torch.isfinite(trainer.compute_loss(trainer.model, inputs))
 
 
 class _IndexedTokens(torch.utils.data.Dataset):
@@ -125,13 +153,61 @@ def test_accelerate_two_cpu_processes_see_disjoint_parts(tmp_path):
            str(EXAMPLES / "train_accelerate.py"), "--workdir", str(tmp_path), "--seen-dir", str(seen_dir),
            "--batch-size", "4", "--epochs", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=220)
-    ranks = [json.loads((seen_dir / f"rank{r}.json").read_text()) for r in range(2)
-             if (seen_dir / f"rank{r}.json").exists()]
-    assert len(ranks) == 2, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    ranks = [json.loads((seen_dir / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     a, b = (set(r["seen"]) for r in ranks)
     assert not a & b  # disjoint
     assert sorted(ranks[0]["seen"] + ranks[1]["seen"]) == list(range(96))  # 96 = 2 ranks x 4 x 12: no remainder
     assert ranks[0]["steps"] == ranks[1]["steps"] == 12
-    # DDP kept the replicas in sync: both ranks trained the same model, so their losses are finite and equal-length.
     assert all(torch.isfinite(torch.tensor(r["losses"])).all() for r in ranks)
+    # DDP kept the replicas in sync: after 12 steps on different data, both ranks hold bit-identical parameters
+    # (without the gradient all-reduce, each rank's own data would make them differ).
+    assert ranks[0]["losses"] != ranks[1]["losses"]
+    assert ranks[0]["param_sha256"] == ranks[1]["param_sha256"]
+
+
+# ----------------------------------------------------------------------------------------------- remote caches
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_loader_over_a_remote_cache_covers_one_epoch(small_cache, served_cache, tmp_path, num_workers):
+    import numpy as np
+
+    _, arrays = small_cache
+    remote = kdlib.open_cache(served_cache, shard_cache_dir=tmp_path / "shards")
+    assert type(remote).__name__ == "RemoteCache"
+    loader = kdlib.make_loader(remote, 5, seed=3, num_workers=num_workers, drop_last=False)
+    seen = []
+    for batch in loader:
+        idx = batch["sample_indices"].numpy()
+        np.testing.assert_array_equal(batch["topk_ids"].numpy(), arrays["topk_ids"][idx])
+        np.testing.assert_array_equal(batch["topk_logprobs"].numpy(), arrays["topk_logprobs"][idx])
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(24))
+    assert loader.epoch == 1 and loader.cursor == 0
+
+
+def test_example_cache_keeps_urls_as_strings(tmp_path):
+    example_cache = _example("_example_utils").example_cache
+    url = "http://127.0.0.1:8000/v1/caches/my_cache"
+    assert example_cache(url, tmp_path) == url
+    assert example_cache("https://host/v1/caches/c", tmp_path) == "https://host/v1/caches/c"
+    assert example_cache(str(tmp_path / "dir"), tmp_path) == tmp_path / "dir"
+
+
+def test_plain_example_trains_from_a_server_url(served_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDCACHE_DECODE_DIR", str(tmp_path / "decoded"))  # the example opens with defaults
+    result = _example("train_plain").main(["--cache", served_cache, "--steps", "4", "--batch-size", "8",
+                                           "--workdir", str(tmp_path)])
+    assert result["steps"] == 4 and all(torch.isfinite(torch.tensor(result["losses"])))
+    assert result["loader_state"]["epoch"] == 1 and result["loader_state"]["cursor"] == 8  # 24 = 3 steps/epoch
+    assert any((tmp_path / "decoded").rglob("*.npy"))  # shards came over HTTP and were decoded locally
+
+
+def test_hf_trainer_example_runs_two_steps(small_cache, tmp_path):
+    cache, _ = small_cache
+    result = _example("train_hf_trainer").main(["--cache", str(cache.path), "--steps", "2", "--batch-size", "4",
+                                                "--workdir", str(tmp_path)])
+    assert result["steps"] == 2 and torch.isfinite(torch.tensor(result["train_loss"]))

@@ -1,7 +1,12 @@
-"""CacheLoader: order, partition over ranks x workers, remainders, elastic mid-epoch resume, labels."""
+"""CacheLoader: order, partition over ranks x workers, remainders, elastic mid-epoch resume, labels,
+shard prefetch ahead of the reads, errors from the producer, deterministic stop, resume identity."""
 
 from __future__ import annotations
 
+import json
+import pickle
+import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -9,7 +14,9 @@ import pytest
 import torch
 
 import kdlib
-from kdlib.loader import RankPlan, epoch_order
+from cache_server import format as fmt
+from cache_server.format import CorruptShardError
+from kdlib.loader import RankPlan, _CacheRef, epoch_order
 from tests.cachefactory import make_synthetic_cache
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
@@ -31,12 +38,15 @@ def _indices(batches):
     return [i for b in batches for i in b["sample_indices"].tolist()]
 
 
-def _run_ranks(cache, world_size, num_workers, **kw):
+def _run_ranks(cache, world_size, num_workers, batch_counts=None, **kw):
     """Every rank's sample indices for one epoch (ranks simulated in this process)."""
     per_rank = []
     for rank in range(world_size):
         loader = kdlib.make_loader(cache, 4, rank=rank, world_size=world_size, num_workers=num_workers, **kw)
-        per_rank.append(_indices(loader))
+        batches = list(loader)
+        if batch_counts is not None:
+            batch_counts.append(len(batches))
+        per_rank.append(_indices(batches))
     return per_rank
 
 
@@ -44,10 +54,12 @@ def _run_ranks(cache, world_size, num_workers, **kw):
 @pytest.mark.parametrize("num_workers", [0, 1, 2, 3])
 def test_partition_covers_every_sequence_exactly_once(cache_and_arrays, world_size, num_workers):
     cache, _ = cache_and_arrays
-    per_rank = _run_ranks(cache, world_size, num_workers, seed=5, drop_last=False)
+    counts: list[int] = []
+    per_rank = _run_ranks(cache, world_size, num_workers, counts, seed=5, drop_last=False)
     seen = [i for rank in per_rank for i in rank if i >= 0]  # -1 marks a padding row
     assert sorted(seen) == list(range(N))
-    assert len({len(r) > 0 for r in per_rank}) == 1
+    # Every rank takes the same number of steps (DDP's all-reduce would hang otherwise): ceil(N / (W*B)).
+    assert counts == [-(-N // (4 * world_size))] * world_size
     # Same batch order whatever the number of workers.
     reference = _run_ranks(cache, world_size, 0, seed=5, drop_last=False, prefetch=0)
     assert per_rank == reference
@@ -59,7 +71,7 @@ def test_drop_last_drops_only_the_remainder_and_ranks_take_equal_steps(cache_and
     per_rank = _run_ranks(cache, world_size, 0, seed=1, drop_last=True)
     seen = [i for r in per_rank for i in r]
     assert len(seen) == len(set(seen)) == (N // (4 * world_size)) * 4 * world_size
-    assert len({len(r) for r in per_rank}) == 1
+    assert [len(r) for r in per_rank] == [(N // (4 * world_size)) * 4] * world_size
 
 
 def test_padding_row_when_remainder_is_smaller_than_world(tmp_path):
@@ -200,3 +212,195 @@ def test_rank_plan_arithmetic():
     assert plan.num_batches == 4 and plan.batch_range(0) == (3, 6) and plan.batch_range(3) == (21, 23)
     assert plan.consumed_after(0) == 6 and plan.consumed_after(3) == 23
     assert RankPlan(23, 3, 2, 1, True).num_batches == 3
+
+
+# ----------------------------------------------------------------------------------------------- shard prefetch
+
+
+def _window_shards(num_sequences, shard_seqs, seed, window):
+    """Shards of each shuffle window of epoch 0, in reading order."""
+    order = epoch_order(num_sequences, shard_seqs, shuffle=True, seed=seed, epoch=0, shuffle_window_shards=window)
+    step = window * shard_seqs
+    return [sorted(set((order[w: w + step] // shard_seqs).tolist())) for w in range(0, num_sequences, step)]
+
+
+def _fresh_cache(tmp_path, num_sequences=40, shard_seqs=8, **open_kwargs):
+    path, arrays = make_synthetic_cache(tmp_path / "cache", num_sequences=num_sequences, seq_len=T, topk=K,
+                                        vocab_size=V, shard_seqs=shard_seqs, chunk_seqs=4, seed=5)
+    return kdlib.open_cache(path, decode_dir=tmp_path / "decoded", **open_kwargs), arrays
+
+
+def _all_decoded(cache, shards) -> bool:
+    return all(cache.store.is_decoded(name, s) for s in shards for name in cache.position_arrays())
+
+
+@pytest.mark.parametrize("prefetch_windows", [1, 0])
+def test_next_windows_shards_are_decoded_before_they_are_read(tmp_path, prefetch_windows):
+    cache, _ = _fresh_cache(tmp_path, readahead=0)  # no sequential readahead: only the loader prefetches
+    windows = _window_shards(40, 8, seed=3, window=1)  # 5 windows of 1 shard
+    loader = kdlib.make_loader(cache, 4, seed=3, shuffle_window_shards=1, prefetch=0,
+                               prefetch_windows=prefetch_windows)
+    it = iter(loader)
+    first = next(it)  # reads 4 sequences of window 0 only
+    assert set((first["sample_indices"] // 8).tolist()) == set(windows[0])
+    cache.store.wait_prefetch()
+    # Every array a batch reads, for the next window's shard; nothing beyond the look-ahead.
+    assert _all_decoded(cache, windows[1]) == (prefetch_windows == 1)
+    assert not any(cache.store.is_decoded(name, s) for w in windows[2:] for s in w
+                   for name in cache.position_arrays())
+    it.close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 1, 2])
+def test_prefetch_thread_and_workers_decode_the_next_window_ahead(tmp_path, num_workers):
+    cache, _ = _fresh_cache(tmp_path, num_sequences=64, readahead=0)
+    windows = _window_shards(64, 8, seed=4, window=2)  # 4 windows of 2 shards
+    loader = kdlib.make_loader(cache, 4, seed=4, shuffle_window_shards=2, prefetch=1, num_workers=num_workers)
+    it = iter(loader)
+    next(it)
+    deadline = time.monotonic() + 20
+    while not _all_decoded(cache, windows[1]) and time.monotonic() < deadline:
+        cache.store.wait_prefetch()
+        time.sleep(0.02)
+    # At most 3 batches per producer (12 of window 0's 16 sequences) have been read, so window 1 was decoded
+    # ahead (with 2 workers, each decodes the shards of its parity: together all of them).
+    assert _all_decoded(cache, windows[1])
+    it.close()
+
+
+# ----------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback without CUDA")
+@pytest.mark.parametrize("prefetch", [0, 2])
+def test_pin_memory_without_cuda_warns_and_still_reads(cache_and_arrays, prefetch):
+    cache, _ = cache_and_arrays
+    with pytest.warns(UserWarning, match=r"pin_memory=True\) needs CUDA"):
+        loader = kdlib.make_loader(cache, 4, pin_memory=True, prefetch=prefetch, drop_last=False)
+    assert loader.pin_memory is False
+    assert sorted(_indices(loader)) == list(range(N))
+
+
+def test_negative_and_64_bit_seeds(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    order = epoch_order(100, 10, shuffle=True, seed=-1, epoch=0)
+    assert sorted(order.tolist()) == list(range(100))
+    assert np.array_equal(order, epoch_order(100, 10, shuffle=True, seed=-1, epoch=0))
+    assert not np.array_equal(order, epoch_order(100, 10, shuffle=True, seed=1, epoch=0))
+    # -1 is the 64-bit two's complement 2**64 - 1: one seed space, no collisions inside it.
+    assert np.array_equal(order, epoch_order(100, 10, shuffle=True, seed=2**64 - 1, epoch=0))
+    loader = kdlib.make_loader(cache, 4, seed=-7, drop_last=False)
+    assert sorted(_indices(loader)) == list(range(N))
+    assert loader.state_dict()["seed"] == -7
+    with pytest.raises(ValueError, match="64-bit seed"):
+        kdlib.make_loader(cache, 4, seed=2**64)
+    with pytest.raises(ValueError, match="64-bit seed"):
+        epoch_order(100, 10, shuffle=True, seed=-(2**63) - 1, epoch=0)
+    with pytest.raises(ValueError, match="epoch must be >= 0"):
+        loader.set_epoch(-1)
+
+
+def test_state_identifies_the_cache(cache_and_arrays, tmp_path):
+    cache, _ = cache_and_arrays
+    loader = kdlib.make_loader(cache, 4, seed=2)
+    next(iter(loader))
+    state = json.loads(json.dumps(loader.state_dict()))  # what a JSON/torch checkpoint holds
+    assert state["cache"]["num_sequences"] == N and state["cache"]["shard_seqs"] == S
+    assert state["cache"]["dataset_fingerprint"] == cache.manifest["dataset_fingerprint"]
+    # Same N, other sharding (so another order over the same sequences): refused, naming what differs.
+    other_path, _ = make_synthetic_cache(tmp_path / "other", num_sequences=N, seq_len=T, topk=K, vocab_size=V,
+                                         temperatures=(2.0,), shard_seqs=5, chunk_seqs=5, seed=3)
+    other = kdlib.make_loader(kdlib.open_cache(other_path, decode_dir=tmp_path / "d"), 4)
+    with pytest.raises(ValueError, match=r"saved on another cache.*shard_seqs 8 \(saved\) vs 5 \(this cache\)"):
+        other.load_state_dict(state)
+    assert other.cursor == 0
+    # Same N and sharding, other sequences: refused by the dataset fingerprint.
+    diff_path, _ = make_synthetic_cache(tmp_path / "diff", num_sequences=N, seq_len=T, topk=K, vocab_size=V,
+                                        shard_seqs=S, chunk_seqs=4, seed=99)
+    with pytest.raises(ValueError, match="dataset_fingerprint"):
+        kdlib.make_loader(kdlib.open_cache(diff_path, decode_dir=tmp_path / "d"), 4).load_state_dict(state)
+    # The same sequences rebuilt (another build, e.g. another teacher): resumes.
+    same_path, _ = make_synthetic_cache(tmp_path / "same", num_sequences=N, seq_len=T, topk=K + 1, vocab_size=V,
+                                        shard_seqs=S, chunk_seqs=4, seed=3)
+    same = kdlib.make_loader(kdlib.open_cache(same_path, decode_dir=tmp_path / "d"), 4)
+    same.load_state_dict(state)
+    assert same.cursor == 4
+    # A state from before cache identities still loads (only N can be checked), with a warning.
+    legacy = {k: v for k, v in state.items() if k != "cache"} | {"version": 1}
+    with pytest.warns(UserWarning, match="predates cache identities"):
+        same.load_state_dict(legacy)
+
+
+def test_spawn_spec_keeps_size_limit_and_prefetch_workers(tmp_path):
+    cache, _ = _fresh_cache(tmp_path, max_decoded_bytes=1 << 20, prefetch_workers=3, readahead=2)
+    reopened = pickle.loads(pickle.dumps(_CacheRef(cache))).get()  # what a spawned worker does
+    assert reopened is not cache
+    assert reopened.store.max_bytes == 1 << 20 and reopened.store.prefetch_workers == 3
+    assert reopened.decode_dir == cache.decode_dir and reopened.readahead == 2
+
+
+# ----------------------------------------------------------------------------------------------- errors, stopping
+
+
+def _corrupt(path, array, shard_index):
+    spec = {s.name: s for s in fmt.layout_from_manifest(fmt.load_manifest(path)).arrays()}[array]
+    shard = path / fmt.shard_relpath(array, shard_index, 1 + len(spec.trailing_shape))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("num_workers,prefetch", [(0, 0), (0, 2), (2, 2)])
+def test_corrupt_shard_error_reaches_the_training_loop(tmp_path, num_workers, prefetch):
+    path, _ = make_synthetic_cache(tmp_path / "cache", num_sequences=N, seq_len=T, topk=K, vocab_size=V,
+                                   shard_seqs=S, chunk_seqs=4)
+    _corrupt(path, "topk_logprobs", 2)  # sequences 16..23
+    cache = kdlib.open_cache(path, decode_dir=tmp_path / "decoded")
+    loader = kdlib.make_loader(cache, 4, shuffle=False, num_workers=num_workers, prefetch=prefetch)
+    got = []
+    with pytest.raises(CorruptShardError, match="shard 2") as info:
+        for batch in loader:
+            got.append(batch["sample_indices"].tolist())
+    # Every batch before the damaged shard arrived, in order; then the reader's own exception type.
+    assert got == [list(range(i, i + 4)) for i in range(0, 16, 4)]
+    assert (info.value.array, info.value.shard_index) == ("topk_logprobs", 2)
+    if num_workers:
+        assert "loader worker" in str(info.value.__cause__)
+    assert loader.cursor == 16  # a checkpoint now resumes at the failed batch
+
+
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "kdcache-loader-prefetch" and t.is_alive()]
+
+
+def test_stopping_is_deterministic_and_one_producer_at_a_time(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    before = len(_prefetch_threads())
+    loader = kdlib.make_loader(cache, 2, seed=1, prefetch=2)
+    for i, _batch in enumerate(loader):
+        if i == 1:
+            break
+    assert len(_prefetch_threads()) == before  # stopped and joined when the loop was left
+    first = iter(loader)
+    next(first)
+    assert len(_prefetch_threads()) == before + 1
+    second = iter(loader)
+    b = next(second)  # stops (and waits for) the first iteration's producer before starting its own
+    assert len(_prefetch_threads()) == before + 1
+    with pytest.raises(RuntimeError, match="iter\\(loader\\) started another one"):
+        next(first)
+    assert loader.cursor == 4 * 2  # 2 + 1 + 1 batches of 2: each loop continued where the previous stopped
+    assert b["sample_indices"].numel() == 2
+    second.close()
+    assert len(_prefetch_threads()) == before
+
+
+def test_second_iteration_shuts_down_the_first_ones_workers(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    loader = kdlib.make_loader(cache, 4, seed=1, num_workers=1)
+    first = iter(loader)
+    next(first)
+    rest = _indices(loader)  # a new loop while the first one's worker is alive: it is shut down first
+    with pytest.raises(RuntimeError, match="started another one"):
+        next(first)
+    assert len(rest) == (N // 4 - 1) * 4

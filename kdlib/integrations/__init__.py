@@ -42,6 +42,7 @@ def distill_loss(
     *,
     student_input_ids: torch.Tensor | None = None,
     check: bool = True,
+    allow_padded_vocab: bool = False,
     **kd_kwargs: Any,
 ) -> torch.Tensor:
     """KD (+ CE with ``ce_weight``) loss of ``student_logits`` [B, T, V] against a cache batch, checked first.
@@ -49,9 +50,13 @@ def distill_loss(
     Args:
         student_logits: [B, T, V]; position t predicts token t+1 (a causal LM's ordinary output).
         batch: a cache batch (``kdlib.make_loader`` / ``CacheDataset`` / ``cache.lookup`` plus labels).
-        student_input_ids: [B, T] the tokens the student actually saw; default ``batch["input_ids"]``
-            (then only the vocabulary is checked).
-        check: run :func:`kdlib.check_alignment` (tokens + vocabulary, one comparison) before the loss.
+        student_input_ids: [B, T] the tokens the student actually saw, when they are not ``batch["input_ids"]``
+            itself (e.g. from your own data pipeline); default None: the student was fed the batch's tokens, so
+            only the vocabulary is checked, without reading device memory (no host-device sync).
+        check: run :func:`kdlib.check_alignment` before the loss (tokens only when ``student_input_ids`` is
+            given: one comparison and one sync; vocabulary sizes as Python ints).
+        allow_padded_vocab: accept a student vocabulary larger than the teacher's (an embedding padded to a
+            multiple of 64, e.g. 50304 for GPT-2's 50257); see :func:`kdlib.check_alignment`.
         **kd_kwargs: ``kdlib.kd_loss`` options (``ce_weight``, ``temperature``, ``divergence``, ``tail``...).
 
     Raises:
@@ -60,8 +65,8 @@ def distill_loss(
     from kdlib.losses import kd_loss_from_batch
 
     if check:
-        ids = batch["input_ids"] if student_input_ids is None else student_input_ids
-        check_alignment(ids, batch, student_vocab_size=student_logits.shape[-1])
+        check_alignment(student_input_ids, batch, student_vocab_size=student_logits.shape[-1],
+                        allow_padded_vocab=allow_padded_vocab)
     return kd_loss_from_batch(student_logits, batch, **kd_kwargs)
 
 
