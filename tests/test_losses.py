@@ -396,3 +396,19 @@ def test_error_labels_out_of_range_and_validate_flag():
     torch.testing.assert_close(kdlib.KDLoss(validate=False)(logits, ids, lps, **kw), checked, rtol=0, atol=0)
     with pytest.raises(ValueError, match="topk_logprobs has shape"):  # metadata checks stay on
         kdlib.kd_loss(logits, ids, lps[:, :2], validate=False)
+
+
+def test_from_batch_refuses_a_student_with_another_vocabulary():
+    from kdlib.alignment import AlignmentError
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 20, (2, 3, 4), dtype=torch.int32)
+    batch = {"topk_ids": ids, "topk_logprobs": torch.full((2, 3, 4), -3.0, dtype=torch.float16),
+             "teacher_vocab_size": torch.tensor(20)}
+    kdlib.kd_loss_from_batch(torch.randn(2, 3, 20), batch)  # same vocabulary: fine
+    with pytest.raises(AlignmentError, match="vocabulary 64 but the cache's teacher has 20.*allow_padded_vocab"):
+        kdlib.kd_loss_from_batch(torch.randn(2, 3, 64), batch)
+    with pytest.raises(AlignmentError, match="vocabulary 16"):
+        kdlib.kd_loss_from_batch(torch.randn(2, 3, 16), batch, allow_padded_vocab=True)
+    loss = kdlib.kd_loss_from_batch(torch.randn(2, 3, 24), batch, allow_padded_vocab=True)
+    assert torch.isfinite(loss)

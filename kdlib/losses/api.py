@@ -148,6 +148,7 @@ def kd_loss_from_batch(student_logits: torch.Tensor, batch: Mapping[str, Any], *
     for key in ("topk_ids", "topk_logprobs"):
         if key not in batch:
             raise ValueError(f"batch has no {key!r} (keys: {sorted(batch)}); pass a batch from the cache reader")
+    _check_vocab(student_logits.shape[-1], batch.get("teacher_vocab_size"), kwargs.pop("allow_padded_vocab", False))
     device = student_logits.device
 
     def get(key):
@@ -173,6 +174,22 @@ def kd_loss_from_batch(student_logits: torch.Tensor, batch: Mapping[str, Any], *
                 f"{have or 'no tempered lse'}; rebuild the cache with --temperatures {temperature:g} or use "
                 "tail='renormalize'")
     return kd_loss(student_logits, get("topk_ids"), get("topk_logprobs"), **kwargs)
+
+
+def _check_vocab(student_vocab: int, teacher_vocab: Any, allow_padded_vocab: bool) -> None:
+    """Loader batches carry the teacher's vocabulary size (a CPU tensor or int): compare it without a sync."""
+    if teacher_vocab is None:
+        return
+    teacher_vocab = int(teacher_vocab.reshape(-1)[0]) if torch.is_tensor(teacher_vocab) else int(teacher_vocab)
+    if student_vocab == teacher_vocab or (allow_padded_vocab and student_vocab > teacher_vocab):
+        return
+    from kdlib.alignment import AlignmentError
+
+    hint = (" If the student's embedding is padded beyond the teacher's vocabulary, pass allow_padded_vocab=True."
+            if student_vocab > teacher_vocab else "")
+    raise AlignmentError(
+        f"student logits have vocabulary {student_vocab} but the cache's teacher has {teacher_vocab}: top-k ids "
+        f"index a different vocabulary, so the KD targets would be meaningless.{hint}")
 
 
 class KDLoss(nn.Module):
