@@ -19,7 +19,11 @@ import numpy as np
 from cache_server import format as fmt
 from cache_server.serve_registry import RegisteredCache
 
-__all__ = ["DecodedShardLRU"]
+__all__ = ["DecodedShardLRU", "MissingShardError"]
+
+
+class MissingShardError(fmt.CorruptShardError):
+    """The manifest lists a shard whose file is not on the server's disk (final: retrying will not help)."""
 
 
 class DecodedShardLRU:
@@ -64,7 +68,8 @@ class DecodedShardLRU:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            raise fmt.CorruptShardError(array, shard_index, "shard file is missing", where=cache.name) from None
+            raise MissingShardError(array, shard_index, "the shard file is missing on the server",
+                                    where=f"cache {cache.name!r}") from None
         fmt.verify_shard_bytes(raw, cache.shard_entry(array, shard_index), array, shard_index)
         decoded = fmt.decode_shard(raw, cache.specs[array], cache.layout, shard_index)
         decoded.setflags(write=False)

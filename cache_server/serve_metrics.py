@@ -2,7 +2,8 @@
 
 A pure ASGI middleware (not ``BaseHTTPMiddleware``) so streamed bodies pass through untouched and the bytes
 actually sent are counted. Labels use the route template (``/v1/caches/{name}/shards/{array}/{shard_index}``)
-and a registered cache name, never raw request text, so label cardinality stays bounded.
+and a registered cache name, never raw request text, so label cardinality stays bounded: ``cache`` is a
+registered name, ``_unknown`` for any other name in the URL, ``-`` for endpoints without a cache.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import Any, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ServerMetrics", "MetricsMiddleware"]
+__all__ = ["ServerMetrics", "MetricsMiddleware", "NO_CACHE_LABEL", "UNKNOWN_CACHE_LABEL"]
 
+NO_CACHE_LABEL = "-"
+UNKNOWN_CACHE_LABEL = "_unknown"  # '_' cannot start a registered name, so it never collides with one
 _LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -31,8 +34,8 @@ class ServerMetrics:
             "kdcache_http_response_bytes", "Response body bytes sent", ["cache", "endpoint"], registry=self.registry
         )
         self.latency = Histogram(
-            "kdcache_http_request_duration_seconds", "Time from request to the last body byte sent",
-            ["endpoint"], buckets=_LATENCY_BUCKETS_S, registry=self.registry,
+            "kdcache_http_request_duration_seconds", "Time from request to the last body byte sent, by cache",
+            ["cache", "endpoint"], buckets=_LATENCY_BUCKETS_S, registry=self.registry,
         )
         self.errors = Counter(
             "kdcache_http_errors", "Responses with status >= 400 (or aborted) by cache",
@@ -49,7 +52,9 @@ class ServerMetrics:
 
     def cache_label(self, scope: dict[str, Any]) -> str:
         name = scope.get("path_params", {}).get("name")
-        return name if name in self.cache_names else "-"
+        if name is None:
+            return NO_CACHE_LABEL
+        return name if name in self.cache_names else UNKNOWN_CACHE_LABEL
 
 
 class MetricsMiddleware:
@@ -88,6 +93,6 @@ class MetricsMiddleware:
             m = self.metrics
             m.requests.labels(cache, endpoint, scope.get("method", ""), status).inc()
             m.response_bytes.labels(cache, endpoint).inc(state["bytes"])
-            m.latency.labels(endpoint).observe(time.perf_counter() - started_s)
+            m.latency.labels(cache, endpoint).observe(time.perf_counter() - started_s)
             if state["status"] >= 400 or state.get("aborted"):
                 m.errors.labels(cache, endpoint, status).inc()

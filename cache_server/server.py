@@ -13,29 +13,37 @@ Endpoints (all but ``/healthz`` need ``Authorization: Bearer TOKEN`` when the se
     GET /v1/caches/{name}                                 one cache's summary
     GET /v1/caches/{name}/manifest                        the exact manifest.json bytes
     GET /v1/caches/{name}/shards/{array}/{shard_index}    stored (compressed) shard bytes; HTTP Range,
-                                                          ETag = the shard's manifest sha256
+                                                          ETag = the shard's manifest sha256; a shard file
+                                                          missing on disk is 404 + ``X-Kdcache-Error: shard-missing``
     GET /v1/caches/{name}/rows?start=&stop=&arrays=       decoded rows [start, stop) as an Arrow IPC stream
 
 The shard endpoint is the fast path (``kdlib.remote`` decodes and verifies on the client: least server CPU,
-fewest bytes on the wire). Every endpoint touching the disk is a plain ``def`` (FastAPI's thread pool) or a
-``FileResponse`` (async file I/O), so the event loop never blocks on disk.
+fewest bytes on the wire). Every endpoint touching the disk is a plain ``def`` (FastAPI's thread pool) and
+file bytes are read in the thread pool too, so the event loop never blocks on disk.
+
+The server parses ``Range`` itself and sends exactly the byte window it validated (``_ByteWindowResponse``);
+it never hands the request's ``Range`` to Starlette's ``FileResponse``, whose Range support depends on the
+installed version (none before 0.39, multi-range, ``If-Range`` by date): the per-request byte limit holds
+whatever Starlette does. Error bodies name caches, arrays and shards, never filesystem paths.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Iterator, Mapping
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
-from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache_server import format as fmt
 from cache_server.serve_arrow import ARROW_STREAM_MEDIA_TYPE, arrow_schema, stream_rows
-from cache_server.serve_decoded import DecodedShardLRU
+from cache_server.serve_decoded import DecodedShardLRU, MissingShardError
 from cache_server.serve_metrics import MetricsMiddleware, ServerMetrics
 from cache_server.serve_registry import RegisteredCache, register_caches
 
@@ -43,6 +51,8 @@ __all__ = [
     "create_app",
     "API_PREFIX",
     "CHECKSUM_HEADER",
+    "ERROR_HEADER",
+    "SHARD_MISSING",
     "DEFAULT_MAX_ROWS",
     "DEFAULT_MAX_RESPONSE_BYTES",
     "parse_single_range",
@@ -51,11 +61,18 @@ __all__ = [
 
 API_PREFIX = "/v1"
 CHECKSUM_HEADER = "X-Checksum-Sha256"
+# Machine-readable reason on some error responses; kdlib.remote treats SHARD_MISSING as final (no retries).
+ERROR_HEADER = "X-Kdcache-Error"
+SHARD_MISSING = "shard-missing"
 DEFAULT_MAX_ROWS = 65536
 DEFAULT_MAX_RESPONSE_BYTES = 256 << 20
 DEFAULT_DECODED_CACHE_BYTES = 512 << 20
 
 _RANGE_RE = re.compile(r"^\s*bytes\s*=\s*(\d{0,19})\s*-\s*(\d{0,19})\s*$", re.IGNORECASE)
+_SAFE_ECHO_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+_SEND_PIECE_BYTES = 1 << 20  # ~1 MB body messages: few thread-pool hops per request, bounded memory
+
+log = logging.getLogger(__name__)
 
 
 class RangeNotSatisfiable(ValueError):
@@ -89,6 +106,55 @@ def parse_single_range(header: str, size_bytes: int) -> tuple[int, int]:
 
 def _quoted_etag(sha256: str) -> str:
     return f'"{sha256}"'
+
+
+def _shown(text: str) -> str:
+    """Request text echoed in an error message only when it is a plain name (never a path or control chars)."""
+    return repr(text) if _SAFE_ECHO_RE.match(text) and ".." not in text else "(not a valid name)"
+
+
+def _read_window(file: IO[bytes], start: int, end: int) -> Iterator[bytes]:
+    """Bytes [start, end) of an open file, in pieces; closes the file. Runs in the thread pool."""
+    with file:
+        file.seek(start)
+        remaining = end - start
+        while remaining > 0:
+            piece = file.read(min(_SEND_PIECE_BYTES, remaining))
+            if not piece:
+                # The file shrank after the headers went out: end the response short (the client resumes or
+                # refetches) rather than pad it.
+                raise OSError(f"shard file ended {remaining} bytes early while being sent")
+            remaining -= len(piece)
+            yield piece
+
+
+class _ByteWindowResponse(StreamingResponse):
+    """Exactly bytes [start, end) of an open file: 206 with Content-Range when it answers a Range, else 200.
+
+    The window is fixed before the status line goes out and is checked against the byte limit here, so no
+    request header can make the body larger (unlike ``FileResponse``, which re-reads ``Range``/``If-Range``).
+    """
+
+    def __init__(self, file: IO[bytes], start: int, end: int, size_bytes: int, max_bytes: int,
+                 headers: dict[str, str], *, is_range: bool) -> None:
+        whole_or_range = is_range or (start, end) == (0, size_bytes)
+        if not (0 <= start <= end <= size_bytes and end - start <= max_bytes and whole_or_range):
+            raise ValueError(f"byte window [{start}, {end}) of {size_bytes} bytes breaks the {max_bytes}-byte limit")
+        headers = {**headers, "Accept-Ranges": "bytes", "Content-Length": str(end - start)}
+        if is_range:
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size_bytes}"
+        super().__init__(_read_window(file, start, end), status_code=206 if is_range else 200, headers=headers,
+                         media_type="application/octet-stream")
+
+
+def _shard_missing_response(name: str, array: str, shard_index: int) -> JSONResponse:
+    """404 with a machine-readable reason: a missing file will not appear by retrying, so clients stop at once."""
+    detail = str(fmt.CorruptShardError(array, shard_index, "the shard file is missing on the server",
+                                       where=f"cache {name!r}"))
+    return JSONResponse(
+        {"detail": detail, "cache": name, "array": array, "shard_index": shard_index},
+        status_code=404, headers={ERROR_HEADER: SHARD_MISSING},
+    )
 
 
 def create_app(
@@ -156,7 +222,7 @@ def create_app(
     def get_cache(name: str) -> RegisteredCache:
         cache = registry.get(name)
         if cache is None:
-            raise HTTPException(404, f"no cache named {name[:64]!r}; GET {API_PREFIX}/caches lists them")
+            raise HTTPException(404, f"no cache named {_shown(name)}; GET {API_PREFIX}/caches lists them")
         return cache
 
     # ------------------------------------------------------------------ unauthenticated
@@ -207,11 +273,13 @@ def create_app(
     @v1.get(
         "/caches/{name}/shards/{array}/{shard_index}",
         summary="Stored (compressed) bytes of one shard of one array; supports a single HTTP Range",
-        response_class=FileResponse,
+        response_class=Response,
         responses={
             200: {"content": {"application/octet-stream": {}}, "description": "the whole shard file"},
             206: {"content": {"application/octet-stream": {}}, "description": "the requested byte range"},
-            404: {"description": "unknown cache, array or shard index"},
+            403: {"description": "the shard file cannot be served (outside the cache directory, unreadable)"},
+            404: {"description": "unknown cache, array or shard index; or the shard file is missing on the "
+                                 f"server ({ERROR_HEADER}: {SHARD_MISSING})"},
             413: {"description": "larger than the server's per-request byte limit: use Range"},
             416: {"description": "malformed, multi-part or unsatisfiable Range"},
         },
@@ -224,38 +292,46 @@ def create_app(
     ) -> Response:
         cache = get_cache(name)
         if array not in cache.specs:
-            raise HTTPException(404, f"cache {name!r} has no array {array[:64]!r}; arrays: {sorted(cache.specs)}")
+            raise HTTPException(
+                404, f"cache {name!r} has no array {_shown(array[:128])}; arrays: {sorted(cache.specs)}"
+            )
         if shard_index >= cache.num_shards:
             raise HTTPException(404, f"array {array!r} has shards 0..{cache.num_shards - 1}, not {shard_index}")
         entry = cache.shard_entry(array, shard_index)
         try:
-            path = cache.shard_path(array, shard_index)
-            stat = path.stat()
+            file = cache.shard_path(array, shard_index).open("rb")
         except FileNotFoundError:
             metrics.corrupt_shards.labels(name, array).inc()
-            raise HTTPException(500, str(fmt.CorruptShardError(array, shard_index, "shard file is missing on the server")))
-        except PermissionError as exc:
-            raise HTTPException(403, str(exc))
-        etag = _quoted_etag(entry["sha256"])
-        headers = {"ETag": etag, CHECKSUM_HEADER: entry["sha256"], "Cache-Control": "private, max-age=3600"}
-        range_header = request.headers.get("range")
-        if_range = request.headers.get("if-range")
-        if range_header is not None and (if_range is None or if_range == etag):
-            try:
-                start, end = parse_single_range(range_header, stat.st_size)
-            except RangeNotSatisfiable as exc:
-                return JSONResponse(
-                    {"detail": str(exc)}, status_code=416, headers={"Content-Range": f"bytes */{stat.st_size}"}
+            return _shard_missing_response(name, array, shard_index)
+        except (PermissionError, IsADirectoryError) as exc:
+            log.warning("kdcache serve: refusing shard %d of %r in cache %r: %s", shard_index, array, name, exc)
+            raise HTTPException(403, f"shard {shard_index} of array {array!r} in cache {name!r} cannot be served "
+                                "(it leads outside the cache directory or is not readable); see the server log")
+        try:
+            size_bytes = os.fstat(file.fileno()).st_size  # of the file actually opened
+            etag = _quoted_etag(entry["sha256"])
+            headers = {"ETag": etag, CHECKSUM_HEADER: entry["sha256"], "Cache-Control": "private, max-age=3600"}
+            range_header = request.headers.get("range")
+            if_range = request.headers.get("if-range")
+            start, end = 0, size_bytes
+            is_range = range_header is not None and (if_range is None or if_range == etag)
+            if is_range:
+                try:
+                    start, end = parse_single_range(range_header, size_bytes)
+                except RangeNotSatisfiable as exc:
+                    file.close()
+                    return JSONResponse(
+                        {"detail": str(exc)}, status_code=416, headers={"Content-Range": f"bytes */{size_bytes}"}
+                    )
+            if end - start > max_response_bytes:
+                raise HTTPException(
+                    413, f"{end - start} bytes exceed this server's limit of {max_response_bytes} bytes per request; "
+                    "fetch the shard in pieces with a Range header",
                 )
-            length = end - start
-        else:
-            length = stat.st_size
-        if length > max_response_bytes:
-            raise HTTPException(
-                413, f"{length} bytes exceed this server's limit of {max_response_bytes} bytes per request; "
-                "fetch the shard in pieces with a Range header",
-            )
-        return FileResponse(path, media_type="application/octet-stream", headers=headers, stat_result=stat)
+            return _ByteWindowResponse(file, start, end, size_bytes, max_response_bytes, headers, is_range=is_range)
+        except BaseException:
+            file.close()  # the response did not take the file over
+            raise
 
     @v1.get(
         "/caches/{name}/rows",
@@ -265,7 +341,9 @@ def create_app(
             200: {"content": {ARROW_STREAM_MEDIA_TYPE: {}}, "description": "Arrow IPC stream, one row per sequence"},
             400: {"description": "bad arrays or start > stop"},
             413: {"description": "more rows or bytes than the server allows per request"},
+            404: {"description": f"unknown cache, or a shard file is missing on the server ({ERROR_HEADER})"},
             416: {"description": "rows outside the cache"},
+            500: {"description": "a stored shard failed its manifest checksum (named in the detail)"},
         },
     )
     def rows(
@@ -275,7 +353,7 @@ def create_app(
         arrays: str | None = Query(
             None, max_length=4096, description="comma-separated array names (default: every array)"
         ),
-    ) -> StreamingResponse:
+    ) -> Response:
         cache = get_cache(name)
         if start > stop:
             raise HTTPException(400, f"start ({start}) must be <= stop ({stop})")
@@ -287,7 +365,8 @@ def create_app(
         unknown = [a for a in names if a not in cache.specs]
         if unknown or not names or len(set(names)) != len(names):
             raise HTTPException(
-                400, f"arrays must be distinct names from {sorted(cache.specs)}; got {[a[:64] for a in names][:16]}"
+                400, f"arrays must be distinct names from {sorted(cache.specs)}; got "
+                f"[{', '.join(_shown(a[:128]) for a in names[:16])}]"
             )
         specs = [cache.specs[a] for a in names]
         num_rows = stop - start
@@ -306,6 +385,9 @@ def create_app(
             for spec in specs:
                 try:
                     shards[(spec.name, s)] = decoded.get(cache, spec.name, s)
+                except MissingShardError:
+                    metrics.corrupt_shards.labels(name, spec.name).inc()
+                    return _shard_missing_response(name, spec.name, s)
                 except fmt.CorruptShardError as exc:
                     metrics.corrupt_shards.labels(name, spec.name).inc()
                     raise HTTPException(500, f"server-side {exc}")

@@ -7,20 +7,24 @@ Shape notation::
 ``RemoteCache`` IS a ``CacheReader`` (same ``read``, ``lookup``, ``sequence_stats``, same loader); only the
 ``ShardSource`` differs. ``HttpShardSource`` fetches stored (compressed) shard bytes from ``kdcache serve``
 and checks every transfer against the manifest's size and sha256: a corrupt transfer is fetched again a
-few times and never used; a persistent mismatch raises ``CorruptShardError`` naming the array and shard.
-Decoding, the decoded ``.npy`` memory maps and their directory layout are the shared reader code.
+few times and never used; a persistent mismatch raises ``CorruptShardError`` naming the array and shard,
+and so does a shard the server reports missing (404 ``X-Kdcache-Error: shard-missing``, at once, no retries).
 
-What the remote case adds on top of the local reader:
+Everything after the fetch is the shared reader code (``kdlib.reader``): decoding, the decoded ``.npy``
+memory maps and their directory (``decode_dir``/<manifest hash>), and ``DecodedShardStore``'s size limit
+(``shard_cache_bytes``, least recently used evicted first; file mtime is the recency, so processes sharing
+the directory share one LRU), background prefetch and parallel decode of a batch's shards. Local and
+remote caches use the same store.
 
-* ``BoundedShardStore``: the decoded-shard directory (``decode_dir``/<manifest hash>) gets a size limit,
-  least-recently-used files evicted first (file mtime is the recency, so processes sharing the directory
-  share one LRU); prefetches run in a small background thread pool and are de-duplicated.
-* retries with exponential backoff and jitter on connection errors, timeouts, 5xx/429, resuming a
-  half-received shard with an HTTP Range request (``If-Range`` on the shard's ETag);
+What the remote case adds:
+
+* retries with exponential backoff and jitter on connection errors, timeouts, 5xx/429 (``kdcache serve``
+  answers 503 under overload), resuming a half-received shard with an HTTP Range request (``If-Range`` on
+  the shard's ETag); bytes that all arrived before a connection dropped are used without another request;
 * shards larger than ``piece_bytes`` (2 MiB) are fetched as Range pieces (bounded request latency on a
-  shared server), and the shards a batch needs are fetched in parallel with the foreground one;
-* fork/DataLoader safety: the httpx client and the thread pool are created lazily per process
-  (``os.getpid()`` checked on use), and the reader pickles without them (spawn workers).
+  shared server);
+* fork/DataLoader safety: the httpx client is created lazily per process (``os.getpid()`` checked on use),
+  and the reader pickles without it (spawn workers).
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "KDCACHE_TOKEN"
 DEFAULT_SHARD_CACHE_BYTES = 20 << 30
 DEFAULT_PIECE_BYTES = 2 << 20
-CHECKSUM_HEADER = "x-checksum-sha256"  # must match cache_server.server.CHECKSUM_HEADER (kdlib needs no FastAPI)
+# These must match cache_server.server (kdlib needs no FastAPI).
+CHECKSUM_HEADER = "x-checksum-sha256"
+ERROR_HEADER = "x-kdcache-error"
+SHARD_MISSING = "shard-missing"
 _URL_RE = re.compile(r"^https?://[^/]+(/.*)?/v1/caches/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -65,6 +72,10 @@ class RemoteError(CacheError):
 
 class _Retryable(Exception):
     pass
+
+
+class _ShardMissing(RemoteError):
+    """The server has the shard in its manifest but not on disk (``read_shard`` turns it into CorruptShardError)."""
 
 
 class HttpShardSource:
@@ -166,21 +177,32 @@ class HttpShardSource:
         time.sleep(delay_s * (0.5 + random.random() / 2))
 
     def _get(
-        self, path: str, what: str, byte_range: tuple[int, int] | None = None, if_range: str | None = None
+        self,
+        path: str,
+        what: str,
+        byte_range: tuple[int, int] | None = None,
+        if_range: str | None = None,
+        size_bytes: int | None = None,
     ) -> tuple[bytearray, httpx.Headers]:
         """GET ``url + path`` (optionally bytes [start, end)) with retries.
 
         A body cut off mid-transfer is resumed from the first missing byte with a Range request, guarded by
-        ``If-Range`` (the shard's ETag), so a file that changed on the server is fetched whole instead.
+        ``If-Range`` (the shard's ETag), so a file that changed on the server is fetched whole instead. When
+        every expected byte arrived before the connection dropped (``size_bytes`` of a whole file, or the end of
+        ``byte_range``), the body is returned as is: asking for the bytes after the end would be a 416.
         """
         url = self.url + path
-        start, end = byte_range if byte_range is not None else (0, None)
+        start, end = byte_range if byte_range is not None else (0, size_bytes)
         body = bytearray()
+        received_headers: httpx.Headers | None = None
         etag = if_range
         attempt = 0
         while True:
-            headers: dict[str, str] = {}
             offset = start + len(body)
+            if received_headers is not None and end is not None and offset >= end:
+                self.stats["bytes"] += len(body)
+                return body, received_headers
+            headers: dict[str, str] = {}
             if byte_range is not None or (body and etag):
                 headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
                 if etag:
@@ -195,24 +217,33 @@ class HttpShardSource:
                             f"({'none sent' if not self.token else 'token sent'}); pass open_cache(url, "
                             f"token=...) or set {TOKEN_ENV}"
                         )
+                    if status == 404 and response.headers.get(ERROR_HEADER) == SHARD_MISSING:
+                        raise _ShardMissing(f"{url}: HTTP 404, {ERROR_HEADER}: {SHARD_MISSING}")
                     if status in _RETRY_STATUS:
                         raise _Retryable(f"HTTP {status}: {response.read()[:200]!r}")
-                    if status == 416 and byte_range is not None:
-                        return bytearray(), response.headers  # file shorter than the manifest says: corrupt
+                    if status == 416 and "Range" in headers:
+                        # The file is shorter than the manifest says (or than what already arrived): hand back
+                        # what arrived; the size/checksum check names the shard corrupt.
+                        self.stats["bytes"] += len(body)
+                        return body, response.headers
                     if status == 206 and "Range" in headers:
                         if not response.headers.get("content-range", "").startswith(f"bytes {offset}-"):
                             body.clear()
+                            received_headers = None
                             raise _Retryable(f"unexpected Content-Range {response.headers.get('content-range')}")
                         if body:
                             self.stats["resumed"] += 1
                     elif status == 200 and byte_range is None:
                         body.clear()  # a whole body (first try, or the file changed since the cut)
+                        if size_bytes is None and "content-length" in response.headers:
+                            end = int(response.headers["content-length"])  # lets a cut after the last byte end here
                     elif status == 200:
                         raise RemoteError(f"{url}: the server ignored the Range request for {what}; the file "
                                           "changed since this reader opened the cache (reopen it)")
                     else:
                         raise RemoteError(f"{url}: HTTP {status} fetching {what}: {response.read()[:300]!r}")
                     etag = response.headers.get("etag") or etag
+                    received_headers = response.headers
                     # iter_raw without a chunk size hands over every network read at once, so a dropped
                     # connection keeps what arrived (iter_bytes(n) would lose its partial buffer).
                     for piece in response.iter_raw():
@@ -238,7 +269,7 @@ class HttpShardSource:
         nbytes = int(expected["nbytes"])
         etag = f'"{expected["sha256"]}"'
         if self.piece_bytes is None or nbytes <= self.piece_bytes:
-            raw, headers = self._get(path, what, if_range=etag)
+            raw, headers = self._get(path, what, if_range=etag, size_bytes=nbytes)
             return bytes(raw), headers.get(CHECKSUM_HEADER)
         # Large shard: bounded requests (latency under load, server byte limits, cheaper retries).
         out = bytearray()
@@ -269,7 +300,12 @@ class HttpShardSource:
         expected = self.manifest["shards"][array][shard_index]
         detail = ""
         for _ in range(1 + self.corrupt_retries):
-            raw, claimed = self._fetch_shard(array, shard_index, expected)
+            try:
+                raw, claimed = self._fetch_shard(array, shard_index, expected)
+            except _ShardMissing as exc:
+                raise CorruptShardError(
+                    array, shard_index, f"the shard file is missing on the server ({exc})", where=self.url,
+                ) from None
             if claimed is not None and claimed != expected["sha256"]:
                 raise RemoteError(
                     f"{self.url}: the server's shard {shard_index} of {array!r} has sha256 {claimed[:16]}…, but the "

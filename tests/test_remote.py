@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -28,8 +29,13 @@ def world(tmp_path_factory):
     wide_dir, wide_arrays = make_synthetic_cache(
         root / "wide", num_sequences=5, seq_len=6, topk=3, vocab_size=66000, shard_seqs=2, chunk_seqs=1, seed=4,
     )
-    server = ServerProcess([str(cache_dir), str(wide_dir)], token=TOKEN, token_dir=root).start()
-    yield {"root": root, "dir": cache_dir, "arrays": arrays, "wide_dir": wide_dir, "server": server}
+    large_dir, _ = make_synthetic_cache(  # uncompressed 1.2 MB shards: the server sends them in several pieces
+        root / "large", num_sequences=3, seq_len=512, topk=600, vocab_size=1000, shard_seqs=2, chunk_seqs=2,
+        seed=5, codec="none",
+    )
+    server = ServerProcess([str(cache_dir), str(wide_dir), str(large_dir)], token=TOKEN, token_dir=root).start()
+    yield {"root": root, "dir": cache_dir, "arrays": arrays, "wide_dir": wide_dir, "large_dir": large_dir,
+           "server": server}
     server.stop()
 
 
@@ -179,14 +185,20 @@ def test_dataloader_workers(world, tmp_path):
 
 
 class CuttingProxy:
-    """A real TCP relay to the server that drops the connection halfway through the first shard's body."""
+    """A real TCP relay to the server that drops the connection halfway through the first shard's body.
 
-    def __init__(self, target_port: int, body_fraction: float = 0.5) -> None:
+    With ``inflate_bytes`` it instead forwards the WHOLE body of the first shard response under a
+    Content-Length that many bytes larger, then drops the connection: every byte arrived, yet the client sees
+    a cut transfer (as when a connection dies between the last body byte and the end of the response).
+    """
+
+    def __init__(self, target_port: int, body_fraction: float = 0.5, inflate_bytes: int = 0) -> None:
         import socket
         import threading
 
         self.target_port = target_port
         self.body_fraction = body_fraction
+        self.inflate_bytes = inflate_bytes
         self.cuts = 0
         self._armed = True
         self._lock = threading.Lock()
@@ -236,6 +248,14 @@ class CuttingProxy:
                     continue
                 head = pending[:head_end].decode("latin-1").lower()
                 length = int(head.split("content-length:")[1].split("\r\n")[0])
+                if self.inflate_bytes:
+                    if len(pending) >= head_end + 4 + length:
+                        lied = re.sub(rb"(?i)content-length:\s*\d+", f"content-length: {length + self.inflate_bytes}"
+                                      .encode(), pending[:head_end])
+                        client.sendall(lied + pending[head_end:head_end + 4 + length])
+                        self.cuts += 1
+                        break
+                    continue
                 cut_at = head_end + 4 + int(length * self.body_fraction)
                 if len(pending) >= cut_at:
                     client.sendall(pending[:cut_at])
@@ -261,6 +281,46 @@ def test_transfer_cut_mid_body_resumes_with_range(world, tmp_path):
         assert cache.source.stats["retries"] == 1 and cache.source.stats["resumed"] == 1
         assert cache.source.stats["corrupt_transfers"] == 0
     proxy.listener.close()
+
+
+@pytest.mark.parametrize("piece_bytes", [None, 97])
+def test_connection_dropped_after_the_last_byte_uses_what_arrived(world, tmp_path, piece_bytes):
+    # The whole shard (or Range piece) arrived, then the connection dropped: resuming at offset == size would
+    # be a 416; the client must use the bytes it has without another request.
+    proxy = CuttingProxy(world["server"].port, inflate_bytes=10)
+    local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
+    url = f"http://127.0.0.1:{proxy.port}/v1/caches/teacher"
+    with RemoteCache(url, token=TOKEN, shard_cache_dir=tmp_path / "remote", readahead=0, backoff_s=0.01,
+                     piece_bytes=piece_bytes) as cache:
+        manifest_shards = cache.manifest["shards"]
+        assert_batches_equal(cache.read(0, 6, arrays=["topk_ids"]), local.read(0, 6, arrays=["topk_ids"]))
+        assert proxy.cuts == 1
+        stats = cache.source.stats
+        assert stats["retries"] == 1 and stats["corrupt_transfers"] == 0 and stats["resumed"] == 0
+        nbytes = manifest_shards["topk_ids"][0]["nbytes"]
+        requests = 1 if piece_bytes is None else -(-nbytes // piece_bytes)
+        assert stats["requests"] == 1 + requests  # the manifest + the shard's requests; none after the cut
+    proxy.listener.close()
+
+
+def test_shards_larger_than_one_send_piece(world, tmp_path):
+    import httpx
+
+    from cache_server import format as fmt
+
+    stored = (world["large_dir"] / fmt.shard_relpath("topk_ids", 0, 3)).read_bytes()
+    assert len(stored) > (1 << 20) + 1000
+    url = world["server"].cache_url("large") + "/shards/topk_ids/0"
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    whole = httpx.get(url, headers=headers)
+    assert whole.status_code == 200 and whole.content == stored
+    lo, hi = 1000, (1 << 20) + 500  # a range across the server's 1 MiB read boundary
+    part = httpx.get(url, headers={**headers, "Range": f"bytes={lo}-{hi - 1}"})
+    assert part.status_code == 206 and part.content == stored[lo:hi]
+    local = LocalCache(world["large_dir"], decode_dir=tmp_path / "local")
+    for piece_bytes in (None, 700_000):
+        with remote(world, "large", sub=f"large-{piece_bytes}", piece_bytes=piece_bytes, readahead=0) as cache:
+            assert_batches_equal(cache.read(0, 3), local.read(0, 3))
 
 
 def test_large_shards_are_fetched_in_range_pieces(world, tmp_path):

@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import io
 import os
+import re
 import shutil
+import socket
+import tempfile
+import threading
+import time
 
 import httpx
 import numpy as np
 import pyarrow as pa
 import pytest
 
+from pathlib import Path
+
 from cache_server import cli
 from cache_server import format as fmt
+from kdlib.remote import RemoteCache
 from tests.cachefactory import make_synthetic_cache
-from tests.serverproc import ServerProcess
+from tests.serverproc import REPO_ROOT, ServerProcess
 
 TOKEN = "test-token-4f1c2a9e"
 SECRET = "SECRET-MARKER-do-not-serve"
@@ -180,6 +189,33 @@ def test_rows_limits_and_validation(world, query, status):
     assert get(world, f"/v1/caches/small/rows?{query}").status_code == status
 
 
+def test_range_is_never_left_to_starlette(world):
+    # Starlette's FileResponse applies the request's Range itself: multi-part ranges, If-Range matched against
+    # a Last-Modified date, and none at all before 0.39. The server validates one range and sends exactly that
+    # window, so every body stays single-part and within --max-response-bytes (6000 here).
+    path = world["small"] / fmt.shard_relpath("topk_ids", 1, 3)
+    stored = path.read_bytes()
+    assert 200 <= len(stored) <= 6000
+    many = "bytes=" + ",".join(f"{2 * i}-{2 * i}" for i in range(100))  # 100 disjoint parts: > 6000 as multipart
+    last_modified = email.utils.formatdate(path.stat().st_mtime, usegmt=True)
+    for if_range in (last_modified, '"stale-etag"', "W/whatever"):
+        response = get(world, "/v1/caches/small/shards/topk_ids/1", headers={"Range": many, "If-Range": if_range})
+        # a validator that is not the shard's ETag means "send the whole file" (RFC 9110 If-Range)
+        assert response.status_code == 200 and response.content == stored, (if_range, response.status_code)
+        assert "multipart" not in response.headers["content-type"]
+    big = world["root"] / "caches" / "big"
+    big_mtime = email.utils.formatdate((big / fmt.shard_relpath("topk_ids", 0, 3)).stat().st_mtime, usegmt=True)
+    refused = get(world, "/v1/caches/big/shards/topk_ids/0", headers={"Range": "bytes=0-99", "If-Range": big_mtime})
+    assert refused.status_code == 413 and len(refused.content) < 1000
+    # a Range that covers the whole file is still answered as a range (kdlib treats 200 to a Range as an error)
+    everything = get(world, "/v1/caches/small/shards/topk_ids/1", headers={"Range": "bytes=0-"})
+    assert everything.status_code == 206 and everything.content == stored
+    assert everything.headers["content-range"] == f"bytes 0-{len(stored) - 1}/{len(stored)}"
+    one = get(world, "/v1/caches/small/shards/topk_ids/1", headers={"Range": "Bytes = 3 - 9"})
+    assert one.status_code == 206 and one.content == stored[3:10]
+    assert one.headers["content-length"] == "7" and one.headers["content-range"] == f"bytes 3-9/{len(stored)}"
+
+
 def test_shard_byte_limit(world):
     # --max-response-bytes 6000: a larger shard is refused whole and served in Range pieces.
     nbytes = fmt.load_manifest(world["root"] / "caches" / "big")["shards"]["topk_ids"][0]["nbytes"]
@@ -204,11 +240,21 @@ def test_read_only(world):
 def test_metrics(world):
     get(world, "/v1/caches/small/shards/input_ids/0")
     get(world, "/v1/caches/small/shards/input_ids/99")
+    get(world, "/v1/caches/wide/manifest")
+    get(world, "/v1/caches/no-such-cache-7/manifest")
+    get(world, "/healthz")
     text = get(world, "/metrics").text
     assert 'kdcache_http_requests_total{cache="small",endpoint="/v1/caches/{name}/shards/{array}/{shard_index}"' in text
     assert "kdcache_http_response_bytes_total" in text
-    assert "kdcache_http_request_duration_seconds_bucket" in text
     assert 'kdcache_http_errors_total{cache="small"' in text
+    # latency per cache; names that are not registered share one label (bounded cardinality)
+    shard_route = "/v1/caches/{name}/shards/{array}/{shard_index}"
+    assert f'kdcache_http_request_duration_seconds_count{{cache="small",endpoint="{shard_route}"}}' in text
+    manifest_route = "/v1/caches/{name}/manifest"
+    assert f'kdcache_http_request_duration_seconds_bucket{{cache="wide",endpoint="{manifest_route}",le="+Inf"}}' in text
+    assert f'kdcache_http_request_duration_seconds_count{{cache="_unknown",endpoint="{manifest_route}"}}' in text
+    assert 'kdcache_http_request_duration_seconds_count{cache="-",endpoint="/healthz"}' in text
+    assert "no-such-cache-7" not in text
 
 
 # ---------------------------------------------------------------------------------------------- auth
@@ -274,17 +320,72 @@ TRAVERSALS = [
 ]
 
 
+# Anything path-like in an error body, e.g. /tmp/x or /etc/passwd (API paths like /v1/caches are fine).
+_ABSOLUTE_PATH_RE = re.compile(rb"""(?:^|[\s'"(\[=,:])(/[^\s'"\\)\],]+)""")
+
+
+def assert_no_filesystem_path(world, body: bytes) -> None:
+    for root in {world["root"], world["root"].resolve(), REPO_ROOT, Path(tempfile.gettempdir()), Path.home()}:
+        assert str(root).encode() not in body, body[:300]
+    for match in _ABSOLUTE_PATH_RE.findall(body):
+        assert match.startswith(b"/v1/"), (match, body[:300])
+
+
 @pytest.mark.parametrize("raw_path", TRAVERSALS)
 def test_paths_never_escape_the_caches(world, raw_path):
     status, body = raw_get(world, raw_path)
     assert 400 <= status < 500, (raw_path, status, body[:200])
     assert SECRET.encode() not in body
     assert b"root:" not in body
+    assert_no_filesystem_path(world, body)
 
 
 def test_symlinked_cache_serves_its_regular_shards(world):
     response = get(world, "/v1/caches/linked/shards/input_ids/1")
     assert response.status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- overload
+
+
+def test_limit_concurrency_503_and_keep_alive_timeout(world, tmp_path):
+    with ServerProcess([str(world["small"])], token=TOKEN, token_dir=tmp_path,
+                       extra_args=["--limit-concurrency", "3", "--timeout-keep-alive", "1"]) as server:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        time.sleep(0.2)  # the start-up probe's connection is closed on the server side
+        held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        try:
+            time.sleep(0.2)
+            # 2 open connections + this one reach the limit of 3: uvicorn answers 503 instead of queueing
+            assert httpx.get(server.cache_url("small"), headers=headers).status_code == 503
+            # kdlib retries 503 with backoff: a reader waits the overload out instead of failing
+            threading.Timer(0.5, lambda: [sock.close() for sock in held]).start()
+            with RemoteCache(server.cache_url("small"), token=TOKEN, shard_cache_dir=tmp_path / "dec",
+                             backoff_s=0.05, readahead=0) as cache:
+                assert cache.read(0, 2)["topk_ids"].shape == (2, 16, 4)
+                assert cache.source.stats["retries"] >= 1
+        finally:
+            for sock in held:
+                sock.close()
+        time.sleep(0.2)
+        assert httpx.get(server.cache_url("small"), headers=headers).status_code == 200
+        # an idle keep-alive connection is closed by the server after --timeout-keep-alive
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            response = b""
+            while not response.endswith(b"}"):  # the whole (small JSON) response
+                response += sock.recv(4096)
+            assert response.startswith(b"HTTP/1.1 200 ")
+            idle_from = time.monotonic()
+            assert sock.recv(4096) == b""  # EOF: the server hung up
+            assert 0.5 < time.monotonic() - idle_from < 5
+
+
+def test_serve_refuses_bad_overload_settings(world, capsys):
+    assert cli.main(["serve", str(world["small"]), "--limit-concurrency", "1"]) == 2
+    assert "at least 2" in capsys.readouterr().err
+    assert cli.main(["serve", str(world["small"]), "--timeout-keep-alive", "0"]) == 2
+    assert "must be positive" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- CLI checks

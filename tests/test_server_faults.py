@@ -1,4 +1,5 @@
-"""Faults against a real server: SIGKILL mid-stream + restart, a corrupted stored shard, client disconnects."""
+"""Faults against a real server: SIGKILL mid-stream + restart, a corrupted or missing stored shard, client
+disconnects."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from tests.serverproc import ServerProcess
 
 TOKEN = "fault-token"
 CORRUPT_ARRAY, CORRUPT_SHARD = "topk_logprobs", 1
+MISSING_ARRAY, MISSING_SHARD = "topk_ids", 2
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,10 @@ def world(tmp_path_factory):
     data = bytearray(shard_file.read_bytes())
     data[len(data) // 3] ^= 0x40  # one flipped bit inside a compressed chunk
     shard_file.write_bytes(bytes(data))
-    server = ServerProcess([str(cache_dir), str(broken)], token=TOKEN, token_dir=root).start()
+    holey = root / "holey"  # a shard file deleted after the build (disk cleanup, partial copy)
+    shutil.copytree(cache_dir, holey)
+    (holey / fmt.shard_relpath(MISSING_ARRAY, MISSING_SHARD, 3)).unlink()
+    server = ServerProcess([str(cache_dir), str(broken), str(holey)], token=TOKEN, token_dir=root).start()
     yield {"root": root, "dir": cache_dir, "broken": broken, "arrays": arrays, "server": server}
     server.stop()
 
@@ -113,6 +118,34 @@ def test_corrupted_stored_shard_rows_endpoint_names_it(world):
     assert httpx.get(f"{url}/rows", params={"start": 0, "stop": 8}, headers=headers).status_code == 200
     metrics = httpx.get(f"{world['server'].base_url}/metrics", headers=headers).text
     assert f'kdcache_corrupt_shards_total{{array="{CORRUPT_ARRAY}",cache="broken"}}' in metrics
+
+
+def test_missing_stored_shard_is_final_and_named(world, tmp_path):
+    url = world["server"].cache_url("holey")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    first_row = 8 * MISSING_SHARD
+    for path in (f"/shards/{MISSING_ARRAY}/{MISSING_SHARD}", f"/rows?start={first_row}&stop={first_row + 1}"):
+        response = httpx.get(url + path, headers=headers)
+        # not a 5xx: a missing file does not come back by retrying
+        assert response.status_code == 404, (path, response.status_code)
+        assert response.headers["x-kdcache-error"] == "shard-missing"
+        body = response.json()
+        assert (body["cache"], body["array"], body["shard_index"]) == ("holey", MISSING_ARRAY, MISSING_SHARD)
+        assert "missing on the server" in body["detail"] and str(world["root"]) not in response.text
+    # the client gives up at once (default max_retries=8 would mean ~15 s of backoff) and names the shard
+    cache = RemoteCache(url, token=TOKEN, shard_cache_dir=tmp_path / "remote", readahead=0)
+    assert cache.read(0, 8)["topk_ids"].shape == (8, 128, 16)
+    started = time.monotonic()
+    with pytest.raises(CorruptShardError, match="missing on the server") as info:
+        cache.read(8 * MISSING_SHARD, 8 * MISSING_SHARD + 4)
+    assert time.monotonic() - started < 2.0
+    assert (info.value.array, info.value.shard_index) == (MISSING_ARRAY, MISSING_SHARD)
+    assert f"array {MISSING_ARRAY!r} shard {MISSING_SHARD}" in str(info.value)
+    assert cache.source.stats["retries"] == 0 and cache.source.stats["corrupt_transfers"] == 0
+    assert not cache.store.is_decoded(MISSING_ARRAY, MISSING_SHARD)
+    cache.close()
+    metrics = httpx.get(f"{world['server'].base_url}/metrics", headers=headers).text
+    assert f'kdcache_corrupt_shards_total{{array="{MISSING_ARRAY}",cache="holey"}}' in metrics
 
 
 def _abort_after_first_bytes(port: int, path: str) -> int:

@@ -9,9 +9,19 @@ Examples::
     echo "$(openssl rand -hex 32)" > token.txt
     kdcache serve ./cache teacher-b=./other_cache --host 0.0.0.0 --port 8000 --token-file token.txt
 
+    # many training hosts: allow more open connections, drop idle ones sooner
+    kdcache serve ./cache --host 0.0.0.0 --token-file token.txt --limit-concurrency 2048 --timeout-keep-alive 5
+
     # a client
     export KDCACHE_TOKEN=$(cat token.txt)
     python -c "import kdlib; print(kdlib.open_cache('http://server:8000/v1/caches/cache').read(0, 4))"
+
+Overload: uvicorn answers 503 once --limit-concurrency connections are open or requests are in flight
+(default 512; idle keep-alive connections count). kdlib retries 503 with backoff, so an overloaded server
+slows readers down instead of failing them. Each kdlib reader process keeps up to 2 * prefetch_workers + 2
+(at least 4) connections: size the limit for readers x connections, and keep it under `ulimit -n`.
+--timeout-keep-alive (default 15 s) is long enough to reuse a connection across a training step's shard
+fetches and short enough that idle readers give their slots back.
 """
 
 from __future__ import annotations
@@ -22,7 +32,11 @@ import ipaddress
 import sys
 from pathlib import Path
 
-__all__ = ["register", "run", "is_loopback_host", "read_token_file"]
+__all__ = ["register", "run", "is_loopback_host", "read_token_file", "DEFAULT_LIMIT_CONCURRENCY",
+           "DEFAULT_TIMEOUT_KEEP_ALIVE_S"]
+
+DEFAULT_LIMIT_CONCURRENCY = 512
+DEFAULT_TIMEOUT_KEEP_ALIVE_S = 15
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,6 +61,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help=f"most body bytes per request (default {DEFAULT_MAX_RESPONSE_BYTES})")
     parser.add_argument("--decoded-cache-bytes", type=int, default=512 << 20,
                         help="memory for decoded shards behind /rows (default 512 MiB)")
+    parser.add_argument("--limit-concurrency", type=int, default=DEFAULT_LIMIT_CONCURRENCY, metavar="N",
+                        help="open connections / in-flight requests before new requests get 503 "
+                        f"(default {DEFAULT_LIMIT_CONCURRENCY}; kdlib retries 503 with backoff)")
+    parser.add_argument("--timeout-keep-alive", type=int, default=DEFAULT_TIMEOUT_KEEP_ALIVE_S, metavar="SECONDS",
+                        help="close idle keep-alive connections after this long "
+                        f"(default {DEFAULT_TIMEOUT_KEEP_ALIVE_S})")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request (off by default: hot path)")
     parser.set_defaults(func=run)
@@ -92,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
     if not 0 < args.port < 65536:
         print(f"kdcache serve: --port must be in 1..65535, got {args.port}", file=sys.stderr)
         return 2
+    if args.limit_concurrency < 2:
+        # uvicorn counts the connection carrying the request itself: 1 would refuse every request
+        print(f"kdcache serve: --limit-concurrency must be at least 2, got {args.limit_concurrency}", file=sys.stderr)
+        return 2
+    if not args.timeout_keep_alive > 0:
+        print(f"kdcache serve: --timeout-keep-alive must be positive, got {args.timeout_keep_alive}", file=sys.stderr)
+        return 2
     try:
         caches = register_caches(parse_cache_args(args.caches))
         app = create_app(
@@ -113,9 +140,11 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     auth = f"bearer token from {args.token_file}" if token else "none (loopback only)"
-    print(f"kdcache serve: auth: {auth}; event loop {loop}, http {http}; Ctrl-C stops", flush=True)
+    print(f"kdcache serve: auth: {auth}; event loop {loop}, http {http}; at most {args.limit_concurrency} "
+          f"connections (then 503), idle ones closed after {args.timeout_keep_alive} s; Ctrl-C stops", flush=True)
     uvicorn.run(
         app, host=args.host, port=args.port, loop=loop, http=http, log_level=args.log_level,
-        access_log=args.access_log, timeout_keep_alive=30,
+        access_log=args.access_log, limit_concurrency=args.limit_concurrency,
+        timeout_keep_alive=args.timeout_keep_alive,
     )
     return 0
