@@ -2,12 +2,22 @@
 
 Measures, in one run:
 
-1. ``overhead_ratio``: build wall time ÷ bare teacher forward time over the same tokens and batches.
-   Interleaved (bare forward pass, then a full build into a fresh directory) ``--reps`` times; medians.
-   The build's pipeline time excludes its one-off setup (hashing weights/data, loading the teacher),
-   which is reported separately (``overhead_ratio_incl_setup``).
-2. ``bytes_per_token`` at k=32 with vocab 50,257 (random-init Llama), per codec preset, plus lossless
-   transforms evaluated on the same arrays (fp16 logprob bit patterns delta-coded along K, bitshuffle).
+1. ``overhead_ratio``: build wall time ÷ bare teacher forward time over the same tokens and batches, for
+   a teacher of realistic proportions (headline: a GPT-2-small-shaped random-init Llama, hidden 768,
+   12 layers, 12 heads, vocab 50,257) and, as a labelled secondary row, a small teacher (hidden 256,
+   4 layers) whose vocabulary work is unrealistically large next to its body (``teachers`` in the JSON).
+   Per teacher, ``--reps`` rounds each run a bare forward pass, a full build into a fresh directory and a
+   targets-only pass (forward + ``compute_targets``, no writer), in a rotating order; every ratio is the
+   median over rounds of the ratio within a round (``ratios_of_medians`` has median ÷ median). The
+   build's pipeline time excludes its one-off setup (hashing weights/data, loading the teacher), reported
+   separately (``overhead_ratio_incl_setup``). ``targets_only_ratio`` and
+   ``writer_overhead_vs_targets_only`` split the overhead into the math and the background writer.
+   Timed builds write a shard every ``--shard-seqs`` sequences so that shard writes overlap the forward
+   as in a real build (a real build's default shard is thousands of sequences, far more than a quick
+   pass); ``drain_s`` is the wait for the last shard after the last forward.
+2. ``bytes_per_token`` at k=32 with vocab 50,257 (random-init small Llama, default chunking), per codec
+   preset, plus lossless transforms evaluated on the same arrays (fp16 logprob bit patterns delta-coded
+   along K, bitshuffle).
 3. The same for a tiny Llama TRAINED for ``--train-s`` seconds on stdlib source (vocab of a BPE tokenizer
    trained on the same text, noted in the output), because random-init teachers compress unlike trained ones.
 
@@ -19,6 +29,7 @@ Usage::
 
     python benchmarks/bench_build.py --quick
     python benchmarks/bench_build.py --sequences 256 --reps 5 --threads 1
+    python benchmarks/bench_build.py --quick --hidden 256 --layers 4 --heads 4 --kv-heads 2 --small-hidden 0
 """
 
 from __future__ import annotations
@@ -71,13 +82,14 @@ def _tokenize_stdlib(tok_dir: Path, max_chars: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def _llama(vocab: int, hidden: int, layers: int, seed: int):
+def _llama(vocab: int, hidden: int, layers: int, seed: int, heads: int | None = None, kv_heads: int | None = None):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    heads = heads or max(1, hidden // 64)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 16 * 16,
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 128),
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads or max(1, hidden // 128),
         max_position_embeddings=1024, tie_word_embeddings=False,
     )
     return LlamaForCausalLM(config)
@@ -196,17 +208,139 @@ def _train_teacher(tokens: np.ndarray, vocab: int, seconds: float, seq_len: int,
             "final_loss_mean_last10": round(float(np.mean(losses[-10:])), 3), "hidden": 128, "layers": 2}
 
 
+def _targets_only(model, sequences: np.ndarray, batch_size: int, topk: int) -> tuple[float, float]:
+    """Forward + compute_targets without any writer: (wall seconds, seconds inside compute_targets)."""
+    from cache_server.build_job import workspace_numel
+
+    t0 = time.perf_counter()
+    targets_s = 0.0
+    workspace = None
+    with torch.inference_mode():
+        for b0 in range(0, len(sequences), batch_size):
+            ids = torch.from_numpy(np.array(sequences[b0 : b0 + batch_size], dtype=np.int64))
+            logits = model(input_ids=ids, use_cache=False).logits
+            c0 = time.perf_counter()
+            if workspace is None or workspace.numel() < workspace_numel(logits):
+                workspace = torch.empty(workspace_numel(logits))  # as run_build: allocated once, reused
+            compute_targets(logits, ids, topk, (), workspace)
+            targets_s += time.perf_counter() - c0
+            del logits
+    return time.perf_counter() - t0, targets_s
+
+
+def _time_teacher(label: str, desc: str, teacher_dir: Path, data_path: Path, sequences_arr: np.ndarray, args,
+                  work: Path) -> tuple[dict, list[dict]]:
+    """Interleaved bare forward / build / targets-only rounds for one teacher; medians and ratios."""
+    from cache_server.teacher import inspect_teacher, load_teacher
+
+    # Time the bare forward on the model exactly as the build loads it (same dtype, same weight storage).
+    model = load_teacher(inspect_teacher(teacher_dir), "float32", "cpu")
+    n_seq, T = sequences_arr.shape
+    print(f"[{label}] {desc}; {n_seq} x {T} = {n_seq * T} tokens per pass, batch {args.batch_size}, "
+          f"shard every {args.shard_seqs} sequences; torch threads {torch.get_num_threads()}", file=sys.stderr)
+
+    def build(out: Path, **kw):
+        opts = BuildOptions(teacher=str(teacher_dir), data=str(data_path), out=str(out), topk=args.topk,
+                            seq_len=T, batch_size=args.batch_size, progress=False, **kw)
+        return run_build(opts, log=lambda s: None)
+
+    # Correctness before timing (also warms up kernels, the allocator and the page cache).
+    build(work / f"{label}_warm", max_sequences=min(n_seq, 2 * args.batch_size), shard_seqs=args.batch_size)
+    _check_correct(work / f"{label}_warm", model, args.topk)
+    shutil.rmtree(work / f"{label}_warm")
+    _bare_forward(model, sequences_arr[: args.batch_size], args.batch_size)
+
+    rows = []
+    kinds = ["bare", "build", "targets"]
+    for rep in range(args.reps):
+        row: dict = {"teacher": label, "rep": rep, "order": ""}
+        order = kinds[rep % 3 :] + kinds[: rep % 3]  # rotate so no kind always runs first or after another
+        row["order"] = ">".join(order)
+        for kind in order:
+            if kind == "bare":
+                row["bare_forward_s"], row["bare_forward_cpu_s"] = _bare_forward(model, sequences_arr, args.batch_size)
+            elif kind == "targets":
+                row["forward_plus_targets_s"], row["compute_targets_s"] = _targets_only(
+                    model, sequences_arr, args.batch_size, args.topk)
+            else:
+                out = work / f"{label}_cache_{rep}"
+                cpu0 = time.process_time()
+                res = build(out, shard_seqs=args.shard_seqs)
+                row.update({
+                    "build_wall_s": res.wall_s, "build_setup_s": res.setup_s,
+                    "build_pipeline_s": res.wall_s - res.setup_s, "build_main_thread_compute_s": res.forward_s,
+                    "build_drain_s": res.drain_s, "build_finalize_s": res.finalize_s,
+                    "writer_write_s": res.writer_write_s, "writer_thread_cpu_s": res.writer_thread_cpu_s,
+                    "build_process_cpu_s": time.process_time() - cpu0, "bytes_per_token_timed": res.bytes_per_token,
+                })
+                shutil.rmtree(out)
+        rows.append(row)
+        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
+    del model
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k.endswith("_s")}
+    batches = -(-n_seq // args.batch_size)
+
+    def paired(num: str, den: str) -> float:
+        """Median over rounds of num/den measured in the same round: slow drift of the machine cancels."""
+        return round(statistics.median(r[num] / r[den] for r in rows), 4)
+
+    result = {
+        "teacher": desc,
+        "overhead_ratio": paired("build_pipeline_s", "bare_forward_s"),
+        "overhead_ratio_incl_setup": paired("build_wall_s", "bare_forward_s"),
+        "targets_only_ratio": paired("forward_plus_targets_s", "bare_forward_s"),
+        "writer_overhead_vs_targets_only": paired("build_pipeline_s", "forward_plus_targets_s"),
+        "ratios_of_medians": {  # the older estimator (median build / median bare), for comparison
+            "overhead_ratio": round(med["build_pipeline_s"] / med["bare_forward_s"], 4),
+            "targets_only_ratio": round(med["forward_plus_targets_s"] / med["bare_forward_s"], 4),
+            "writer_overhead_vs_targets_only": round(med["build_pipeline_s"] / med["forward_plus_targets_s"], 4),
+        },
+        "compute_targets_ms_per_batch": round(1e3 * med["compute_targets_s"] / batches, 2),
+        "bare_forward_ms_per_batch": round(1e3 * med["bare_forward_s"] / batches, 1),
+        "build_extra_cpu_share_vs_bare": round(
+            max(0.0, med["build_process_cpu_s"] - med["bare_forward_cpu_s"]) / med["build_process_cpu_s"], 4),
+        "medians_s": {k: round(v, 4) for k, v in med.items()},
+        "spread_overhead_ratio": [round(min(r["build_pipeline_s"] / r["bare_forward_s"] for r in rows), 4),
+                                  round(max(r["build_pipeline_s"] / r["bare_forward_s"] for r in rows), 4)],
+        "tokens_per_pass": n_seq * T,
+        "batch_shape": [args.batch_size, T],
+        "reps": args.reps,
+    }
+    print(f"[{label}] overhead_ratio {result['overhead_ratio']}, targets_only_ratio {result['targets_only_ratio']}, "
+          f"writer x{result['writer_overhead_vs_targets_only']}", file=sys.stderr)
+    return result, rows
+
+
+def _writer_threads() -> dict:
+    """What the background writer compresses with (reported, so a result says how it was produced)."""
+    import numcodecs.blosc
+    import zarr
+
+    return {
+        "zarr_threading_max_workers": zarr.config.get("threading.max_workers", None),  # None: asyncio default
+        "blosc_use_threads": numcodecs.blosc.use_threads,  # zarr sets False: Blosc's own threads are unused
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small run (< 5 min on 2 CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="small run (~6-8 min on 2 CPU cores)")
     ap.add_argument("--sequences", type=int, help="sequences per timed pass (default 32 quick, 256 full)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--topk", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=50_257)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=768, help="headline teacher (default: GPT-2-small shape)")
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--kv-heads", type=int, default=None, help="default: --heads (multi-head attention, as GPT-2)")
+    ap.add_argument("--small-hidden", type=int, default=256, help="secondary small teacher; 0 skips it")
+    ap.add_argument("--small-layers", type=int, default=4)
+    ap.add_argument("--small-heads", type=int, default=4)
+    ap.add_argument("--small-kv-heads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--shard-seqs", type=int, default=16,
+                    help="timed builds write a shard every N sequences (real builds: thousands)")
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch default)")
     ap.add_argument("--train-s", type=float, help="training budget of the trained teacher (default 45 quick, 300 full)")
     ap.add_argument("--tokenizer-vocab", type=int, default=4096)
@@ -219,6 +353,7 @@ def main() -> None:
     machine = _machine()
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     work = Path(tempfile.mkdtemp(prefix="kdcache_bench_build_"))
+    wall0 = time.perf_counter()
     try:
         tok_dir = train_tokenizer(work / "tok", vocab_size=args.tokenizer_vocab, max_chars=2_000_000)
         stream = _tokenize_stdlib(tok_dir, max_chars=6_000_000)
@@ -227,57 +362,37 @@ def main() -> None:
         np.save(data_path, stream[: sequences * T])
         sequences_arr = stream[: sequences * T].reshape(sequences, T)
 
-        teacher_dir = work / "teacher_random"
-        _llama(args.vocab, args.hidden, args.layers, seed=0).save_pretrained(teacher_dir, safe_serialization=True)
-        # Time the bare forward on the model exactly as the build loads it (same dtype, same weight storage).
-        from cache_server.teacher import inspect_teacher, load_teacher
+        teachers = []  # (label, description, directory)
+        kv = args.kv_heads or args.heads
+        head_label = f"h{args.hidden}_L{args.layers}"
+        gpt2_shape = (args.hidden, args.layers, args.heads, kv) == (768, 12, 12, 12)
+        head_desc = (f"random-init Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads ({kv} kv), "
+                     f"vocab {args.vocab}" + (" (GPT-2-small shape)" if gpt2_shape else ""))
+        teachers.append((head_label, head_desc, work / "teacher_head"))
+        _llama(args.vocab, args.hidden, args.layers, 0, args.heads, kv).save_pretrained(
+            teachers[0][2], safe_serialization=True)
+        if args.small_hidden:
+            small_label = f"h{args.small_hidden}_L{args.small_layers}"
+            small_desc = (f"random-init Llama hidden {args.small_hidden}, {args.small_layers} layers, "
+                          f"{args.small_heads} heads ({args.small_kv_heads} kv), vocab {args.vocab} "
+                          "(secondary: vocabulary work unrealistically large next to the body)")
+            teachers.append((small_label, small_desc, work / "teacher_small"))
+            _llama(args.vocab, args.small_hidden, args.small_layers, 0, args.small_heads, args.small_kv_heads
+                   ).save_pretrained(teachers[1][2], safe_serialization=True)
 
-        model = load_teacher(inspect_teacher(teacher_dir), "float32", "cpu")
-        print(f"teacher: random-init Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
-              f"{sequences} x {T} = {sequences * T} tokens per pass; torch threads {torch.get_num_threads()}",
-              file=sys.stderr)
+        results, rows = {}, []
+        for label, desc, directory in teachers:
+            results[label], teacher_rows = _time_teacher(label, desc, directory, data_path, sequences_arr, args, work)
+            rows.extend(teacher_rows)
+        head = results[head_label]
 
-        def build(out: Path, **kw):
-            opts = BuildOptions(teacher=str(teacher_dir), data=str(data_path), out=str(out), topk=args.topk,
-                                seq_len=T, batch_size=args.batch_size, progress=False, **kw)
-            return run_build(opts, log=lambda s: None)
-
-        # Correctness before timing (also warms up kernels and the page cache).
-        build(work / "warm", max_sequences=2)
-        _check_correct(work / "warm", model, args.topk)
-        _bare_forward(model, sequences_arr[:2], args.batch_size)
-
-        rows = []
-        for rep in range(args.reps):
-            bare_s, bare_cpu_s = _bare_forward(model, sequences_arr, args.batch_size)
-            out = work / f"cache_{rep}"
-            cpu0 = time.process_time()
-            res = build(out)
-            build_cpu = time.process_time() - cpu0
-            # Targets-only pass: forward + top-k/lse/entropy without any writer, to split the overhead.
-            t0 = time.perf_counter()
-            workspace = None
-            with torch.inference_mode():
-                for b0 in range(0, sequences, args.batch_size):
-                    ids = torch.from_numpy(np.array(sequences_arr[b0 : b0 + args.batch_size], dtype=np.int64))
-                    logits = model(input_ids=ids, use_cache=False).logits
-                    if workspace is None or workspace.numel() < logits.numel():
-                        workspace = torch.empty_like(logits)
-                    compute_targets(logits, ids, args.topk, (), workspace)
-            targets_s = time.perf_counter() - t0
-            row = {
-                "rep": rep, "bare_forward_s": bare_s, "bare_forward_cpu_s": bare_cpu_s,
-                "forward_plus_targets_s": targets_s, "build_wall_s": res.wall_s, "build_setup_s": res.setup_s,
-                "build_pipeline_s": res.wall_s - res.setup_s, "build_main_thread_compute_s": res.forward_s,
-                "build_process_cpu_s": build_cpu, "writer_thread_cpu_s": res.writer_thread_cpu_s,
-                "bytes_per_token": res.bytes_per_token,
-            }
-            rows.append(row)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), file=sys.stderr)
-            if rep < args.reps - 1:
-                shutil.rmtree(out)
-        med = {k: statistics.median(r[k] for r in rows) for k in rows[0] if k != "rep"}
-        codecs_random = _codec_table(work / f"cache_{args.reps - 1}")
+        # Bytes/token on a build with the default chunking (the timed builds use small shards), on the small
+        # random teacher when there is one (comparable with earlier results), else the headline teacher.
+        codec_label, _, codec_dir = teachers[-1]
+        codec_build = run_build(BuildOptions(teacher=str(codec_dir), data=str(data_path), out=str(work / "cache_codec"),
+                                             topk=args.topk, seq_len=T, batch_size=args.batch_size, progress=False),
+                                log=lambda s: None)
+        codecs_random = _codec_table(work / "cache_codec")
 
         # Trained teacher: small vocab (BPE trained on the same stdlib text), noted in the output.
         train_dir = work / "teacher_trained"
@@ -286,28 +401,28 @@ def main() -> None:
         held = stream[split:]
         n_held = min(len(held) // T, sequences)
         np.save(work / "held.npy", held[: n_held * T])
-        res_t = run_build(BuildOptions(teacher=str(train_dir), data=str(work / "held.npy"), out=str(work / "cache_trained"),
-                                       topk=args.topk, seq_len=T, batch_size=args.batch_size, progress=False),
-                          log=lambda s: None)
+        run_build(BuildOptions(teacher=str(train_dir), data=str(work / "held.npy"), out=str(work / "cache_trained"),
+                               topk=args.topk, seq_len=T, batch_size=args.batch_size, progress=False),
+                  log=lambda s: None)
         codecs_trained = _codec_table(work / "cache_trained")
-        stats_t = res_t.manifest["stats"]
+        stats_t = fmt.load_manifest(work / "cache_trained")["stats"]
 
-        writer_share = med["writer_thread_cpu_s"] / med["build_process_cpu_s"]
-        extra_cpu_share = max(0.0, med["build_process_cpu_s"] - med["bare_forward_cpu_s"]) / med["build_process_cpu_s"]
         summary = {
             "bench": "bench_build",
             "quick": args.quick,
-            "overhead_ratio": round(med["build_pipeline_s"] / med["bare_forward_s"], 4),
-            "overhead_ratio_incl_setup": round(med["build_wall_s"] / med["bare_forward_s"], 4),
-            "targets_only_ratio": round(med["forward_plus_targets_s"] / med["bare_forward_s"], 4),
-            "writer_overhead_vs_targets_only": round(med["build_pipeline_s"] / med["forward_plus_targets_s"], 4),
-            "writer_thread_cpu_share": round(writer_share, 4),
-            "build_extra_cpu_share_vs_bare": round(extra_cpu_share, 4),
-            "medians_s": {k: round(v, 4) for k, v in med.items() if k.endswith("_s")},
+            "headline_teacher": head["teacher"],
+            "overhead_ratio": head["overhead_ratio"],
+            "overhead_ratio_incl_setup": head["overhead_ratio_incl_setup"],
+            "targets_only_ratio": head["targets_only_ratio"],
+            "writer_overhead_vs_targets_only": head["writer_overhead_vs_targets_only"],
+            "compute_targets_ms_per_batch": head["compute_targets_ms_per_batch"],
+            "teachers": results,
             "tokens_per_pass": sequences * T,
-            "bytes_per_token": round(med["bytes_per_token"], 3),
-            "bytes_per_token_teacher": f"random-init Llama h{args.hidden} L{args.layers} vocab {args.vocab}, "
-                                       f"k={args.topk}, fp16 logprobs, {fmt.DEFAULT_CODEC}, lossless uint16 ids",
+            "shard_seqs_timed": args.shard_seqs,
+            "bytes_per_token": round(codec_build.bytes_per_token, 3),
+            "bytes_per_token_teacher": f"random-init Llama {codec_label.replace('_', ' ')} vocab {args.vocab}, "
+                                       f"k={args.topk}, fp16 logprobs, {fmt.DEFAULT_CODEC}, lossless uint16 ids, "
+                                       "default chunking",
             "bytes_per_token_by_codec_random": codecs_random["codec_presets"],
             "transforms_random": codecs_random["transforms"],
             "trained_teacher": {
@@ -324,14 +439,17 @@ def main() -> None:
             },
             "per_array_bytes_per_token_random": codecs_random["per_array_bytes_per_token"][fmt.DEFAULT_CODEC],
             "torch_threads": torch.get_num_threads(),
+            "writer": _writer_threads(),
+            "bench_wall_s": round(time.perf_counter() - wall0, 1),
             "machine": {**machine, "loadavg_end": os.getloadavg()},
             "command": command,
         }
         RESULTS.mkdir(parents=True, exist_ok=True)
         stem = "bench_build" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
         (RESULTS / f"{stem}.json").write_text(json.dumps({"summary": summary, "reps": rows}, indent=2) + "\n")
+        fields = ["command", "machine", *dict.fromkeys(k for r in rows for k in r)]
         with open(RESULTS / f"{stem}.csv", "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=["command", "machine", *rows[0].keys()])
+            w = csv.DictWriter(fh, fieldnames=fields)
             w.writeheader()
             for r in rows:
                 w.writerow({"command": command, "machine": json.dumps(summary["machine"]), **r})

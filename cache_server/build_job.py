@@ -11,7 +11,8 @@ Flow (one process = one ``rank`` of ``world_size``)::
     validate args, output dir, teacher files, data (cheap; nothing is created on failure)
     → load teacher → CacheWriter (creates / resumes DIR) → for each pending shard, for each batch of B rows:
         main thread:   logits = teacher(ids)                      # [B, T, V] on the device
-                       targets = compute_targets(logits, ids)     # top-k, lse, lse_t, nll, entropy in fp32
+                       targets = compute_targets(logits, ids)     # top-k, lse, lse_t, nll, entropy in fp32,
+                                                                   # in cache-sized row chunks (see there)
                        start device→host copies, enqueue           # bounded queue: at most a few batches ahead
         writer thread: wait for the copy, cast, fill the shard buffers, and when a shard is full
                        CacheWriter.write_shard (compress, fsync, journal)
@@ -23,12 +24,14 @@ one (same batch size ⇒ bitwise-identical shard files).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -47,6 +50,7 @@ __all__ = [
     "BuildInputError",
     "NonFiniteLogitsError",
     "compute_targets",
+    "workspace_numel",
     "prepare_build",
     "run_build",
 ]
@@ -102,6 +106,9 @@ class BuildResult:
     setup_s: float = 0.0  # validation, hashing, teacher load, writer setup (before the first forward)
     forward_s: float = 0.0  # main thread: forward + targets + starting the host copies
     writer_thread_cpu_s: float = 0.0  # CPU time of the writer thread itself (zarr's own pool not included)
+    writer_write_s: float = 0.0  # writer thread wall time inside CacheWriter.write_shard (compress, write, fsync)
+    drain_s: float = 0.0  # main thread waiting for the writer after the last batch (the last shard's write)
+    finalize_s: float = 0.0  # manifest (after the writer is done)
     process_cpu_s: float = 0.0
     remainder_tokens_dropped: int = 0
     missing_shards: list[int] = field(default_factory=list)
@@ -114,6 +121,120 @@ class BuildResult:
 
 # ------------------------------------------------------------------------------------------------- math
 
+# Rows of V per chunk: compute_targets walks the [B*T, V] logits in row chunks so its fp32 scratch (the
+# upcast chunk, z - max, exp) stays in the CPU's last-level cache between passes instead of streaming
+# 100+ MB buffers through DRAM once per pass. ~4 MiB per fp32 buffer and core measured best on a 2-core
+# EPYC (L2 1 MiB/core, L3 32 MiB). On accelerators a pass is a kernel launch, so chunks are only as small
+# as needed to bound the scratch memory (256 MiB per buffer).
+_CPU_CHUNK_ELEMS = 1 << 20
+_DEVICE_CHUNK_ELEMS = 1 << 26
+
+# On CPU the chunks are spread over torch.get_num_threads() worker threads, each running single-threaded
+# torch ops on its own chunks, instead of every op of every chunk being split over an OpenMP team. A
+# chunk is ~20 small ops; with OpenMP each one ends in a barrier, and when anything else wants a core
+# (the shard writer, another process) the barrier waits for a descheduled thread. Measured on
+# [4, 256, 50257] with 2 cores (medians): 43 vs 42 ms quiet (the ops release the GIL), but 209 vs 70 ms
+# next to one busy single-threaded process. The calling thread works as one of the workers.
+_workers: tuple[int, ThreadPoolExecutor] | None = None  # (threads, pool)
+_workers_lock = threading.Lock()
+
+
+def _worker_pool(n: int) -> ThreadPoolExecutor:
+    """n threads whose torch ops run single-threaded (torch.set_num_threads is per thread)."""
+    global _workers
+    with _workers_lock:
+        if _workers is None or _workers[0] != n:
+            if _workers is not None:
+                _workers[1].shutdown(wait=False)
+            caller_threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(n, thread_name_prefix="kdcache-targets", initializer=torch.set_num_threads,
+                                      initargs=(1,))
+            started = threading.Barrier(n)
+            for future in [pool.submit(started.wait) for _ in range(n)]:
+                future.result()  # all n threads exist and have run their initializer
+            # set_num_threads(1) also lowered the count torch gives threads started later (a process-wide
+            # default); put back the caller's.
+            torch.set_num_threads(caller_threads)
+            _workers = (n, pool)
+        return _workers[1]
+
+
+def _forget_worker_pool() -> None:
+    global _workers, _workers_lock
+    _workers, _workers_lock = None, threading.Lock()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_worker_pool)
+
+
+def _chunk_plan(logits: torch.Tensor, chunk_rows: int | None) -> tuple[int, int]:
+    """(rows per chunk, worker threads) for ``logits`` [B, T, V]."""
+    V = logits.shape[-1]
+    N = max(1, logits.numel() // V)
+    on_cpu = logits.device.type == "cpu"
+    rows = min(chunk_rows or max(1, (_CPU_CHUNK_ELEMS if on_cpu else _DEVICE_CHUNK_ELEMS) // V), N)
+    workers = min(torch.get_num_threads(), -(-N // rows)) if on_cpu else 1
+    return rows, max(1, workers)
+
+
+def workspace_numel(logits: torch.Tensor, chunk_rows: int | None = None) -> int:
+    """fp32 elements of the scratch buffer ``compute_targets`` needs for ``logits`` [B, T, V]."""
+    rows, workers = _chunk_plan(logits, chunk_rows)
+    buffers = 2 if logits.dtype == torch.float32 else 3  # (upcast chunk,) z - max, exp
+    return workers * buffers * rows * logits.shape[-1]
+
+
+def _topk_group_size(vocab_size: int, k: int) -> int:
+    """Group size S for ``_grouped_topk``, or 0 where a plain ``torch.topk`` is as fast (small V, k near V).
+
+    G = V // S groups of >= 512 (and >= 16 k): fewer groups leave too many candidates (k * S), more make
+    the top-k over the group maxima the expensive step (CPU topk costs ~1 ns per element of rows this
+    short, and more below ~2k elements per row, where it switches from partial sort to nth_element), and
+    groups shorter than ~64 make the group-max pass slow. S = 98 for V = 50,257 measured best.
+    """
+    groups = max(512, 1 << (16 * k - 1).bit_length())
+    size = vocab_size // groups
+    return size if size >= 8 else 0
+
+
+def _grouped_topk(z: torch.Tensor, k: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exactly ``torch.topk(z, k, -1)`` (values; ids up to the order of ties) at a fraction of its CPU cost.
+
+    CPU ``torch.topk`` copies each row into a (value, index) queue before selecting, which costs more than
+    every other pass of ``compute_targets`` together. Instead: split the row into G = V // S contiguous
+    groups of S, take each group's max (one vectorized pass), keep the k groups with the largest maxima,
+    and select among their k*S members plus the < S tail elements (61 -> 25 ms single-threaded for
+    1040 rows of V = 50,257, k = 32).
+
+    Why exact: let t be the k-th largest group max. The k kept groups hold k elements >= t, so the k-th
+    largest element of the row is >= t, while every element of a dropped group is <= its max <= t. So
+    the dropped elements can only tie with the k-th value, never beat it. NaN/inf propagate through max
+    (topk ranks NaN first, as torch.topk does), so non-finite rows are still caught by the caller.
+
+    Args:
+        z: [R, V] rows (contiguous along V).
+        k: K.
+        group_size: S from ``_topk_group_size``.
+
+    Returns:
+        values [R, K] sorted descending, ids [R, K] int64.
+    """
+    R, V = z.shape
+    S = group_size
+    G = V // S
+    body = z[:, : G * S].view(R, G, S)  # [R, G, S], body[r, g, j] = z[r, g*S + j]
+    groups = body.amax(dim=-1).topk(k, dim=-1, sorted=False).indices  # [R, K]
+    rows = torch.arange(R, device=z.device).unsqueeze(1)  # [R, 1]
+    cand = body[rows, groups].view(R, k * S)  # [R, K*S], column i*S + j = z[r, groups[r, i]*S + j]
+    if G * S < V:  # the < S tail elements belong to no group: always candidates
+        cand = torch.cat([cand, z[:, G * S :]], dim=1)  # [R, K*S + tail]
+    values, pos = cand.topk(k, dim=-1, largest=True, sorted=True)  # [R, K]
+    # Candidate column -> vocabulary id: i*S + j -> groups[i]*S + j; tail column c -> c - K*S + G*S.
+    i, j = pos.div(S, rounding_mode="floor"), pos.remainder(S)
+    ids = groups.gather(1, i.clamp_(max=k - 1)) * S + j
+    return values, torch.where(pos < S * k, ids, pos + (G * S - S * k))
+
 
 def compute_targets(
     logits: torch.Tensor,
@@ -121,59 +242,116 @@ def compute_targets(
     topk: int,
     temperatures: tuple[float, ...] = (),
     workspace: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything a cache stores for a batch, computed in fp32 where the logits live.
 
-    Math (per position, over the full vocabulary)::
+    Math (per position, over the full vocabulary z = logits[b, t], in fp32)::
 
-        logprobs = logits - lse,  lse = logsumexp(logits)          (one fused log_softmax)
-        topk_logprobs, topk_ids = topk(logprobs)                    (same order as top-k of the logits)
-        lse = logits[argmax] - logprobs[argmax]                     (= max + log sum exp(logits - max))
-        lse_t{tau} = logsumexp(logits / tau) = logsumexp(logprobs / tau) + lse / tau
-        entropy = -sum(exp(logprobs) * logprobs);  nll_t = -logprobs[t, token[t + 1]]
+        topk_logits, topk_ids = topk(z)                     (same order as the top-k of the log-probs)
+        m = topk_logits[0] = max(z);   d = z - m <= 0;   w = exp(d);   s = sum(w)
+        lse = m + log s;               topk_logprobs = topk_logits - lse
+        entropy = -sum(p log p) = log s - sum(w * d) / s      (p = w / s; two non-negative terms, no
+                                                               cancellation, unlike lse - sum(p * z))
+        lse_t{tau} = logsumexp(z / tau) = m / tau + log sum(exp(d / tau))
+        nll_t = lse - z[token[t + 1]]                          (position t predicts token t + 1)
 
-    Every [B, T, V] intermediate lives in ``workspace`` or in the (fp32) ``logits`` buffer itself: fresh
-    100+ MB allocations per batch cost more in page faults than the arithmetic on a CPU.
+    So the vocabulary is read once for top-k (grouped on CPU, see ``_grouped_topk``) and the exp is taken
+    once per temperature; lse and entropy share one. The work runs in row chunks whose scratch lives in
+    ``workspace`` (fresh 100+ MB allocations per batch cost more in page faults than the arithmetic on a
+    CPU; chunks small enough to stay in cache make the later passes cheap); on CPU the chunks are shared
+    by ``torch.get_num_threads()`` single-threaded workers (see ``_CPU_CHUNK_ELEMS``). Each chunk's result
+    does not depend on which worker ran it. ``logits`` are not modified.
 
     Args:
-        logits: [B, T, V] teacher logits (any float dtype; upcast to fp32). An fp32 tensor is OVERWRITTEN
-            (used as scratch space).
+        logits: [B, T, V] teacher logits (any float dtype; bf16/fp16 are upcast exactly, chunk by chunk).
         input_ids: [B, T] the tokens the teacher saw.
         topk: K.
         temperatures: extra temperatures tau != 1.
-        workspace: optional reusable fp32 buffer with at least B*T*V elements on the logits' device.
+        workspace: optional reusable fp32 buffer on the logits' device with at least
+            ``workspace_numel(logits, chunk_rows)`` elements (a larger one, e.g. [B, T, V], is fine).
+        chunk_rows: positions per chunk (default: ~4 MiB of fp32 per chunk on CPU, 256 MiB elsewhere).
 
     Returns:
         dict with ``topk_ids`` [B, T, K] int64, ``topk_logprobs`` [B, T, K] fp32, ``lse`` [B, T],
         ``lse_t{tau}`` [B, T], ``seq_nll`` [B], ``seq_entropy`` [B] (fp32), and ``finite`` [B, T] bool (False
         where any logit of the position is NaN/inf). No returned tensor aliases the workspace or logits.
     """
-    logits = logits.float()  # [B, T, V]
     B, T, V = logits.shape
-    if workspace is None or workspace.numel() < logits.numel() or workspace.device != logits.device:
-        workspace = torch.empty_like(logits)
-    logprobs = workspace.view(-1)[: logits.numel()].view(B, T, V)  # [B, T, V]
-    try:
-        torch._log_softmax(logits, -1, False, out=logprobs)  # fused, into the reused buffer
-    except (AttributeError, RuntimeError, TypeError):  # private op: fall back if a torch version lacks it
-        logprobs.copy_(torch.log_softmax(logits, dim=-1))
-    topk_logprobs, topk_ids = torch.topk(logprobs, topk, dim=-1, largest=True, sorted=True)  # [B, T, K]
-    max_logprob = topk_logprobs[..., 0]  # [B, T]
-    lse = logits.gather(-1, topk_ids[..., :1]).squeeze(-1) - max_logprob  # [B, T]
+    N = B * T
+    device = logits.device
+    rows, workers = _chunk_plan(logits, chunk_rows)
+    buffers = 2 if logits.dtype == torch.float32 else 3
+    need = workspace_numel(logits, chunk_rows)
+    if workspace is None or workspace.numel() < need or workspace.device != device or workspace.dtype != torch.float32:
+        workspace = torch.empty(need, dtype=torch.float32, device=device)
+    scratch = workspace.view(-1)[:need].view(workers, buffers, rows, V)
+    group_size = _topk_group_size(V, topk) if device.type == "cpu" else 0  # CUDA's radix top-k is fast
+
+    flat = logits.reshape(N, V)  # [N, V] (a view for the contiguous output of an LM head)
+    topk_logprobs = torch.empty(N, topk, dtype=torch.float32, device=device)  # [N, K]
+    topk_ids = torch.empty(N, topk, dtype=torch.int64, device=device)  # [N, K]
+    lse = torch.empty(N, dtype=torch.float32, device=device)  # [N]
+    entropy = torch.empty(N, dtype=torch.float32, device=device)  # [N]
+    lse_t = {tau: torch.empty(N, dtype=torch.float32, device=device) for tau in temperatures}
+    next_chunk = itertools.count()  # shared by the workers (next() is atomic under the GIL)
+
+    def run_chunks(worker: int) -> None:
+        with torch.inference_mode():  # thread-local: workers must enter it themselves
+            while (r0 := next(next_chunk) * rows) < N:
+                r1 = min(r0 + rows, N)
+                n = r1 - r0
+                z = flat[r0:r1]  # [n, V]
+                if z.dtype != torch.float32:
+                    z = scratch[worker, 2, :n].copy_(z)  # exact upcast
+                d, w = scratch[worker, 0, :n], scratch[worker, 1, :n]  # [n, V] each
+                if group_size:
+                    values, ids = _grouped_topk(z, topk, group_size)  # [n, K]
+                else:
+                    values, ids = torch.topk(z, topk, dim=-1, largest=True, sorted=True)  # [n, K]
+                row_max = values[:, :1]  # [n, 1]; NaN if the row has a NaN (topk ranks NaN first)
+                torch.sub(z, row_max, out=d)
+                sum_w = torch.exp(d, out=w).sum(dim=-1)  # [n]
+                log_sum_w = sum_w.log()
+                chunk_lse = row_max.squeeze(1) + log_sum_w  # [n]
+                # A -inf logit gives w * d = 0 * (-inf) = NaN, +inf gives d = inf - inf = NaN: bad positions
+                # show up as non-finite lse/entropy without a separate pass over the logits.
+                entropy[r0:r1] = log_sum_w - w.mul_(d).sum(dim=-1) / sum_w
+                lse[r0:r1] = chunk_lse
+                torch.sub(values, chunk_lse.unsqueeze(1), out=topk_logprobs[r0:r1])
+                topk_ids[r0:r1] = ids
+                for tau in temperatures:
+                    sum_w_tau = torch.div(d, tau, out=w).exp_().sum(dim=-1)  # [n]
+                    lse_t[tau][r0:r1] = row_max.squeeze(1) / tau + sum_w_tau.log()
+
+    if workers == 1:
+        run_chunks(0)
+    else:
+        # The calling thread is worker 0, single-threaded like the pool's, and gets its thread count back.
+        futures = [_worker_pool(workers - 1).submit(run_chunks, i) for i in range(1, workers)]
+        caller_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            run_chunks(0)
+        finally:
+            torch.set_num_threads(caller_threads)
+            for future in futures:
+                future.result()
+
+    lse_bt = lse.view(B, T)
     # Position t predicts token t+1: NLL over positions 0..T-2.
-    next_logprobs = logprobs[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [B, T-1]
-    out = {"topk_ids": topk_ids, "topk_logprobs": topk_logprobs, "lse": lse, "seq_nll": -next_logprobs.mean(dim=1)}
-    scratch = logits  # the raw logits are no longer needed
+    next_logits = logits[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).float()  # [B, T-1]
+    out = {
+        "topk_ids": topk_ids.view(B, T, topk),
+        "topk_logprobs": topk_logprobs.view(B, T, topk),
+        "lse": lse_bt,
+        "seq_nll": (lse_bt[:, :-1] - next_logits).mean(dim=1),
+    }
     for tau in temperatures:
-        shift = max_logprob / tau  # [B, T], the row max of logprobs / tau
-        torch.div(logprobs, tau, out=scratch).sub_(shift.unsqueeze(-1)).exp_()
-        out[fmt.temperature_key(tau)] = shift + scratch.sum(dim=-1).log() + lse / tau
-    torch.exp(logprobs, out=scratch).mul_(logprobs)  # p * log p
-    entropy = -scratch.sum(dim=-1)  # [B, T]
-    out["seq_entropy"] = entropy.mean(dim=1)  # [B]
-    # NaN or +inf anywhere in a row makes its lse/entropy non-finite; a -inf logit gives p·log p = 0·(-inf)
-    # = NaN. So no separate full pass over the logits is needed to find bad positions.
-    out["finite"] = torch.isfinite(lse) & torch.isfinite(entropy)
+        out[fmt.temperature_key(tau)] = lse_t[tau].view(B, T)
+    entropy_bt = entropy.view(B, T)
+    out["seq_entropy"] = entropy_bt.mean(dim=1)  # [B]
+    out["finite"] = torch.isfinite(lse_bt) & torch.isfinite(entropy_bt)
     return out
 
 
@@ -330,7 +508,17 @@ def prepare_build(opts: BuildOptions) -> PreparedBuild:
 
 
 class _ShardAssembler(threading.Thread):
-    """Background thread: collects batches into whole shards and writes them through CacheWriter."""
+    """Background thread: collects batches into whole shards and writes them through CacheWriter.
+
+    Threads: compression is left at the libraries' defaults on purpose. zarr sets
+    ``numcodecs.blosc.use_threads = False`` at import, so Blosc's own thread pool (``set_nthreads``) is never
+    used; each inner chunk is compressed single-threaded in zarr's asyncio worker pool. On a 2-core CPU box
+    (forward on both cores) we measured the alternatives with benchmarks/bench_build.py-style interleaved
+    runs: capping zarr's pool at one worker, or renicing the writer and zarr threads to nice 10, both left
+    the build at 1.03-1.06x the forward+targets time of a small teacher with 8-sequence shards, the same as
+    the defaults within noise. That cost is mostly per-shard fixed work (zarr metadata, fsyncs, checksums),
+    not compression, so it shrinks with real shard sizes; on a GPU box the writer has idle cores anyway.
+    """
 
     def __init__(self, writer: CacheWriter, layout: fmt.CacheLayout, maxsize: int) -> None:
         super().__init__(name="kdcache-shard-writer", daemon=True)
@@ -340,6 +528,7 @@ class _ShardAssembler(threading.Thread):
         self.shards_written = 0
         self.shard_bytes = 0
         self.cpu_s = 0.0
+        self.write_s = 0.0
         self.on_shard: Callable[[int], None] | None = None
         self._specs = {spec.name: spec for spec in layout.arrays()}
         self._buffers: dict[str, np.ndarray] = {}
@@ -400,7 +589,9 @@ class _ShardAssembler(threading.Thread):
             self._buffers[name][row0 : row0 + rows] = tensors[name].numpy().astype(spec.dtype, copy=False)
         self._rows_filled += rows
         if self._rows_filled == stop - start:
+            t0 = time.perf_counter()
             entry = self.writer.write_shard(shard_index, self._buffers)
+            self.write_s += time.perf_counter() - t0
             self.shards_written += 1
             self.shard_bytes += sum(f["nbytes"] for f in entry["files"].values())
             self._buffers = {}
@@ -491,7 +682,7 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildRe
     setup_s = time.perf_counter() - t0
     assembler.start()
     forward_s = 0.0
-    workspace: torch.Tensor | None = None  # reused [B, T, V] fp32 scratch (see compute_targets)
+    workspace: torch.Tensor | None = None  # reused fp32 scratch of compute_targets (a few row chunks of V)
     try:
         with torch.inference_mode():
             for shard_index in pending:
@@ -501,8 +692,8 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildRe
                     f0 = time.perf_counter()
                     ids = torch.from_numpy(np.array(data.sequences[b0:b1], dtype=np.int64)).to(device)  # [B, T]
                     logits = forward_logits(model, ids)  # [B, T, V]
-                    if workspace is None or workspace.numel() < logits.numel():
-                        workspace = torch.empty(logits.shape, dtype=torch.float32, device=device)
+                    if workspace is None or workspace.numel() < workspace_numel(logits):
+                        workspace = torch.empty(workspace_numel(logits), dtype=torch.float32, device=device)
                     targets = compute_targets(logits, ids, layout.topk, layout.temperatures, workspace)
                     targets["input_ids"] = ids
                     del logits
@@ -510,7 +701,9 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildRe
                     forward_s += time.perf_counter() - f0
                     assembler.put((shard_index, b0 - start, host, ready))
                     bar.update((b1 - b0) * layout.seq_len)
+        drain0 = time.perf_counter()
         assembler.close()
+        drain_s = time.perf_counter() - drain0
     except BaseException:
         # Stop without writing anything after the failure point; finished shards stay journaled.
         if assembler.is_alive():
@@ -525,7 +718,9 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildRe
         raise
     bar.close()
 
+    finalize0 = time.perf_counter()
     manifest = writer.finalize()
+    finalize_s = time.perf_counter() - finalize0
     wall_s = time.perf_counter() - t0
     result = BuildResult(
         status="complete" if manifest is not None else "waiting_for_ranks",
@@ -538,6 +733,9 @@ def run_build(opts: BuildOptions, log: Callable[[str], None] = print) -> BuildRe
         setup_s=setup_s,
         forward_s=forward_s,
         writer_thread_cpu_s=assembler.cpu_s,
+        writer_write_s=assembler.write_s,
+        drain_s=drain_s,
+        finalize_s=finalize_s,
         process_cpu_s=time.process_time() - cpu0,
         remainder_tokens_dropped=data.remainder_tokens_dropped,
         notes=list(data.notes),
