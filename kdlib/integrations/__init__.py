@@ -67,7 +67,8 @@ def distill_loss(
     if check:
         check_alignment(student_input_ids, batch, student_vocab_size=student_logits.shape[-1],
                         allow_padded_vocab=allow_padded_vocab)
-    return kd_loss_from_batch(student_logits, batch, **kd_kwargs)
+    # The vocabulary was checked above (or deliberately not): the loss must not refuse what was allowed.
+    return kd_loss_from_batch(student_logits, batch, allow_padded_vocab=allow_padded_vocab or not check, **kd_kwargs)
 
 
 def __getattr__(name: str) -> Any:

@@ -115,5 +115,7 @@ class KDTrainer(Trainer):
         if self.check_alignment:
             check_alignment(student_inputs["input_ids"] if compare_tokens else None, teacher,
                             student_vocab_size=logits.shape[-1], allow_padded_vocab=self.allow_padded_vocab)
-        loss = kd_loss_from_batch(logits, teacher, **self.kd_kwargs)
+        # The vocabulary was checked above (or deliberately not): the loss must not refuse what was allowed.
+        loss = kd_loss_from_batch(logits, teacher, allow_padded_vocab=self.allow_padded_vocab or not self.check_alignment,
+                                  **self.kd_kwargs)
         return (loss, outputs) if return_outputs else loss
