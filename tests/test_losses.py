@@ -27,14 +27,7 @@ TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1.6e-2), torch
               torch.float64: (1e-12, 1e-12)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Small shapes: with several OpenMP threads each op ends in a barrier that costs more than the op
-    itself when the machine is busy (this file ran ~9x slower at load 3 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def make_case(n, vocab, k, *, logits_dtype=torch.float32, logprob_dtype=torch.float32, id_dtype=torch.int64,

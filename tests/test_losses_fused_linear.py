@@ -19,14 +19,7 @@ from kdlib.losses import DIVERGENCES, TAILS
 SHAPES = ((37, 16, 301, 8, 8), (5, 4, 50, 50, 2), (9, 8, 77, 1, 16))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Small shapes: with several OpenMP threads each op ends in a barrier that costs more than the op
-    itself when the machine is busy (this file ran ~9x slower at load 3 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def make(n, hdim, vocab, k, dtype=torch.float32, seed=0, bias=True):

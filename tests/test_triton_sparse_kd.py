@@ -28,14 +28,7 @@ SHAPES = ((6, 4500, 70), (3, 37, 1), (3, 37, 37))
 TOLERANCES = {torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-5, 1.6e-2), torch.float16: (2e-5, 2e-3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_cpu_thread():
-    """Small shapes: with several OpenMP threads each op ends in a barrier that costs more than the op
-    itself when the machine is busy (this file ran ~9x slower at load 3 on 2 cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def make_case(n, vocab, k, *, logits_dtype=torch.float32, logprob_dtype=torch.float32, id_dtype=torch.int64,
