@@ -10,8 +10,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.allocations import FreshAllocations
 
 import kdlib
 from kdlib.losses import DIVERGENCES, TAILS, kd_loss_reference
@@ -271,23 +270,6 @@ def test_golden_values(key, backend):
 
 
 # --- memory: the fused path never allocates an [N, V] buffer besides the gradient ---------------------------
-class FreshAllocations(TorchDispatchMode):
-    """Records the numel of every op output that does not alias one of the op's inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.numels.append(t.numel())
-        return out
-
-
 @pytest.mark.parametrize("temperature", TEMPERATURES)
 @pytest.mark.parametrize("logits_dtype", LOGIT_DTYPES, ids=str)
 def test_fused_allocates_no_nv_buffer(temperature, logits_dtype):

@@ -9,8 +9,7 @@ import itertools
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-from torch.utils._python_dispatch import TorchDispatchMode
+from tests.allocations import FreshAllocations
 
 import kdlib
 from kdlib.losses import DIVERGENCES, TAILS
@@ -106,25 +105,10 @@ def test_from_hidden_all_ignored(divergence, tail):
     assert all(torch.isfinite(g).all() and not g.any() for g in grads)
 
 
-class LargestFreshAllocation(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_from_hidden_never_allocates_n_by_v():
     n, hdim, vocab, chunk = 256, 16, 1000, 16
     c = make(n, hdim, vocab, 8, bias=False)
-    with LargestFreshAllocation() as mode:
+    with FreshAllocations() as mode:
         loss = kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], labels=c["labels"],
                                          ce_weight=0.5, temperature=2.0, teacher_lse=c["lse"],
                                          teacher_lse_at_temperature=c["lse_t2"], chunk_size=chunk)
@@ -143,22 +127,6 @@ def test_from_hidden_errors():
     with pytest.raises(ValueError, match="needs labels"):
         kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], c["ids"], c["logprobs"], ce_weight=1.0)
 
-
-class FreshAllocations(TorchDispatchMode):
-    """(numel, dtype) of every op output that does not alias one of the op's inputs."""
-
-    def __init__(self):
-        super().__init__()
-        self.allocs = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.allocs.append((t.numel(), t.dtype))
-        return out
 
     def count(self, numel):
         return sum(n == numel for n, _ in self.allocs)
