@@ -94,7 +94,7 @@ def write_fast_synthetic_cache(
     head plus a random tail mass. Not a substitute for real teacher output when measuring compression.
     """
     from cache_server import format as fmt
-    from cache_server.writer import CacheWriter
+    from cache_server.build.writer import CacheWriter
 
     shard_seqs, chunk_seqs = fmt.plan_chunking(seq_len, topk, vocab_size, num_sequences=num_sequences)
     layout = fmt.CacheLayout(

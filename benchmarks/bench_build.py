@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from cache_server import format as fmt  # noqa: E402
-from cache_server.build_job import BuildOptions, compute_targets, run_build  # noqa: E402
+from cache_server.build.job import BuildOptions, compute_targets, run_build  # noqa: E402
 from tests.teachers import stdlib_documents, train_tokenizer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -72,7 +72,7 @@ def _machine() -> dict:
 
 
 def _tokenize_stdlib(tok_dir: Path, max_chars: int) -> np.ndarray:
-    from cache_server.data_sources import load_tokenizer
+    from cache_server.build.sources import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
     docs = stdlib_documents(max_files=400, max_chars=max_chars)
@@ -210,7 +210,7 @@ def _train_teacher(tokens: np.ndarray, vocab: int, seconds: float, seq_len: int,
 
 def _targets_only(model, sequences: np.ndarray, batch_size: int, topk: int) -> tuple[float, float]:
     """Forward + compute_targets without any writer: (wall seconds, seconds inside compute_targets)."""
-    from cache_server.build_job import workspace_numel
+    from cache_server.build.job import workspace_numel
 
     t0 = time.perf_counter()
     targets_s = 0.0
@@ -231,7 +231,7 @@ def _targets_only(model, sequences: np.ndarray, batch_size: int, topk: int) -> t
 def _time_teacher(label: str, desc: str, teacher_dir: Path, data_path: Path, sequences_arr: np.ndarray, args,
                   work: Path) -> tuple[dict, list[dict]]:
     """Interleaved bare forward / build / targets-only rounds for one teacher; medians and ratios."""
-    from cache_server.teacher import inspect_teacher, load_teacher
+    from cache_server.build.teacher import inspect_teacher, load_teacher
 
     # Time the bare forward on the model exactly as the build loads it (same dtype, same weight storage).
     model = load_teacher(inspect_teacher(teacher_dir), "float32", "cpu")

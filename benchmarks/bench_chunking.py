@@ -115,7 +115,7 @@ def main() -> None:
 
 def _rewrite(out: Path, num_sequences: int, args, shard_seqs: int, chunk_seqs: int) -> None:
     """The fast synthetic data again, laid out with the given chunking."""
-    from cache_server.writer import CacheWriter
+    from cache_server.build.writer import CacheWriter
 
     tmp = out.with_name(out.name + "-src")
     write_fast_synthetic_cache(tmp, num_sequences, args.seq_len, args.topk, args.vocab_size, seed=3)

@@ -40,9 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median, write_results  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
-from cache_server.writer import CacheWriter  # noqa: E402
-from kdlib.reader import LocalCache  # noqa: E402
-from kdlib.remote import DEFAULT_PIECE_BYTES, RemoteCache  # noqa: E402
+from cache_server.build.writer import CacheWriter  # noqa: E402
+from kdlib.data.cache import LocalCache  # noqa: E402
+from kdlib.data.remote import DEFAULT_PIECE_BYTES, RemoteCache  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 TOKEN = "bench-token"

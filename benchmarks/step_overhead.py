@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 
 import kdlib  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
-from cache_server.writer import CacheWriter  # noqa: E402
+from cache_server.build.writer import CacheWriter  # noqa: E402
 from kdlib.alignment import shift_labels  # noqa: E402
 from kdlib.integrations import distill_loss  # noqa: E402
 from kdlib.loader import epoch_order, move_batch  # noqa: E402

@@ -15,8 +15,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "open_cache": "kdlib.reader",
-    "LocalCache": "kdlib.reader",
+    "open_cache": "kdlib.data.cache",
+    "LocalCache": "kdlib.data.cache",
     "CacheError": "cache_server.format",
     "kd_loss": "kdlib.losses",
     "KDLoss": "kdlib.losses",
@@ -27,7 +27,7 @@ _EXPORTS = {
     "CacheDataset": "kdlib.dataset",
     "check_alignment": "kdlib.alignment",
     "AlignmentError": "kdlib.alignment",
-    "RemoteCache": "kdlib.remote",
+    "RemoteCache": "kdlib.data.remote",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -222,7 +222,7 @@ class _CacheRef:
 
     def get(self):
         if self._cache is None:
-            from .reader import open_cache
+            from .data.cache import open_cache
 
             path, kwargs = self._spec
             self._cache = open_cache(path, **kwargs)
@@ -235,7 +235,7 @@ class _CacheRef:
 
 
 def _local_spec(cache: Any) -> tuple[str, dict[str, Any]] | None:
-    from .reader import LocalCache
+    from .data.cache import LocalCache
 
     if isinstance(cache, LocalCache):
         return os.fspath(cache.path), {"decode_dir": cache.decode_dir.parent, "widen": cache.widen,

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cache_server import format as fmt
-from cache_server.writer import CacheWriter
+from cache_server.build.writer import CacheWriter
 
 __all__ = ["synthetic_arrays", "make_synthetic_cache"]
 

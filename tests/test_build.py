@@ -12,7 +12,7 @@ import torch
 import zarr
 
 from cache_server import format as fmt
-from cache_server.build_job import BuildOptions, run_build
+from cache_server.build.job import BuildOptions, run_build
 from cache_server.cli import main
 from tests.teachers import (
     TinyLM,

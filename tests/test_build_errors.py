@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cache_server.cli import main
-from cache_server.writer import STATE_DIR
+from cache_server.build.writer import STATE_DIR
 from tests.teachers import NAN_TOKEN, make_llama_teacher, save_factory_teacher
 
 T = 9

@@ -15,7 +15,7 @@ import pytest
 
 from cache_server import format as fmt
 from cache_server.cli import main
-from cache_server.writer import STATE_DIR
+from cache_server.build.writer import STATE_DIR
 from tests.teachers import make_llama_teacher
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from cache_server.data_sources import DataError, load_tokenizer, open_token_data
+from cache_server.build.sources import DataError, load_tokenizer, open_token_data
 from tests.teachers import stdlib_documents, train_tokenizer, write_token_file
 
 T = 13

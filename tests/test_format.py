@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from cache_server import format as fmt
-from cache_server.writer import BuildStateError, CacheWriter
+from cache_server.build.writer import BuildStateError, CacheWriter
 from tests.cachefactory import make_synthetic_cache, synthetic_arrays
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_manifest.json"

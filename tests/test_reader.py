@@ -8,7 +8,7 @@ import torch
 
 import kdlib
 from cache_server import format as fmt
-from cache_server.commands.verify import verify_cache
+from cache_server.cli.verify import verify_cache
 from tests.cachefactory import make_synthetic_cache
 
 

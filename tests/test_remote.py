@@ -1,4 +1,4 @@
-"""kdlib.remote against a real `kdcache serve` subprocess: parity with the local reader, auth, LRU, workers."""
+"""kdlib.data.remote against a real `kdcache serve` subprocess: parity with the local reader, auth, LRU, workers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import kdlib
-from kdlib.reader import LocalCache
-from kdlib.remote import RemoteCache, RemoteError
+from kdlib.data.cache import LocalCache
+from kdlib.data.remote import RemoteCache, RemoteError
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import ServerProcess
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from cache_server import cli
 from cache_server import format as fmt
-from kdlib.remote import RemoteCache
+from kdlib.data.remote import RemoteCache
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import REPO_ROOT, ServerProcess
 

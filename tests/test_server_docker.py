@@ -70,7 +70,7 @@ def test_server_image_runs_kdcache_serve_with_a_token():
     assert entrypoint == ["kdcache", "serve"]
     assert "serve" in cli.SUBCOMMANDS
     args = cli.build_parser(entrypoint[1:] + cmd).parse_args(entrypoint[1:] + cmd)
-    from cache_server.commands import serve
+    from cache_server.cli import serve
 
     assert args.func is serve.run
     # the image binds 0.0.0.0, which `kdcache serve` refuses without a token
@@ -147,9 +147,9 @@ def test_compose_wires_build_volume_to_server():
     reservation = services["build"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert reservation["driver"] == "nvidia" and "gpu" in reservation["capabilities"]
     try:
-        importlib.import_module("cache_server.commands.build")
+        importlib.import_module("cache_server.cli.build")
     except ImportError:
-        pytest.skip("cache_server.commands.build is not importable here: build arguments not checked")
+        pytest.skip("cache_server.cli.build is not importable here: build arguments not checked")
     parsed = _build_args(build_command)
     assert parsed.func is not None
     assert (parsed.device, parsed.dtype) == ("cuda", "bfloat16")

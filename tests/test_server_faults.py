@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from cache_server import format as fmt
-from kdlib.reader import CorruptShardError, LocalCache
-from kdlib.remote import RemoteCache
+from kdlib.data.cache import CorruptShardError, LocalCache
+from kdlib.data.remote import RemoteCache
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import ServerProcess
 

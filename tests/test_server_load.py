@@ -7,7 +7,7 @@ import threading
 import httpx
 import numpy as np
 
-from kdlib.remote import RemoteCache
+from kdlib.data.remote import RemoteCache
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import ServerProcess
 

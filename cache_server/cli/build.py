@@ -102,9 +102,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from cache_server import format as fmt
-    from cache_server.build_job import BuildInputError, BuildOptions, run_build
-    from cache_server.data_sources import DataError
-    from cache_server.teacher import TeacherError
+    from cache_server.build.job import BuildInputError, BuildOptions, run_build
+    from cache_server.build.sources import DataError
+    from cache_server.build.teacher import TeacherError
 
     opts = BuildOptions(
         teacher=args.teacher,

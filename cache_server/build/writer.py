@@ -1,6 +1,6 @@
 """Crash-safe, resumable writer of a kdcache directory.
 
-The writer owns the persistent state of a build, not the teacher computation (see ``build_job.py``):
+The writer owns the persistent state of a build, not the teacher computation (see ``job.py``):
 
 * ``DIR/.kdcache-build/settings.json`` — the settings that determine the cache's bytes. A rerun with equal
   settings resumes; different settings are refused unless ``overwrite=True``.

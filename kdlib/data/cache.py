@@ -356,7 +356,7 @@ class CacheReader:
     """A cache, local or remote, with the same interface either way.
 
     Args:
-        source: stored shard bytes (LocalShardSource, or kdlib.remote's HTTP source).
+        source: stored shard bytes (LocalShardSource, or kdlib.data.remote's HTTP source).
         decode_dir: root for decoded shards (default: ``default_decode_root()``); this cache uses a
             subdirectory named by its manifest hash.
         widen: default for ``read(..., widen=)``: int64 ids and float32 values instead of compact dtypes.
@@ -575,7 +575,7 @@ def open_cache(path_or_url: str | os.PathLike, **kwargs: Any) -> CacheReader:
     """
     text = os.fspath(path_or_url)
     if isinstance(text, str) and text.startswith(("http://", "https://")):
-        from kdlib.remote import RemoteCache
+        from kdlib.data.remote import RemoteCache
 
         return RemoteCache(text, **kwargs)
     return LocalCache(text, **kwargs)

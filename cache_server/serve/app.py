@@ -17,7 +17,7 @@ Endpoints (all but ``/healthz`` need ``Authorization: Bearer TOKEN`` when the se
                                                           missing on disk is 404 + ``X-Kdcache-Error: shard-missing``
     GET /v1/caches/{name}/rows?start=&stop=&arrays=       decoded rows [start, stop) as an Arrow IPC stream
 
-The shard endpoint is the fast path (``kdlib.remote`` decodes and verifies on the client: least server CPU,
+The shard endpoint is the fast path (``kdlib.data.remote`` decodes and verifies on the client: least server CPU,
 fewest bytes on the wire). Every endpoint touching the disk is a plain ``def`` (FastAPI's thread pool) and
 file bytes are read in the thread pool too, so the event loop never blocks on disk.
 
@@ -42,10 +42,10 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from cache_server import format as fmt
-from cache_server.serve_arrow import ARROW_STREAM_MEDIA_TYPE, arrow_schema, stream_rows
-from cache_server.serve_decoded import DecodedShardLRU, MissingShardError
-from cache_server.serve_metrics import MetricsMiddleware, ServerMetrics
-from cache_server.serve_registry import RegisteredCache, register_caches
+from cache_server.serve.arrow import ARROW_STREAM_MEDIA_TYPE, arrow_schema, stream_rows
+from cache_server.serve.decoded import DecodedShardLRU, MissingShardError
+from cache_server.serve.metrics import MetricsMiddleware, ServerMetrics
+from cache_server.serve.registry import RegisteredCache, register_caches
 
 __all__ = [
     "create_app",
@@ -61,7 +61,7 @@ __all__ = [
 
 API_PREFIX = "/v1"
 CHECKSUM_HEADER = "X-Checksum-Sha256"
-# Machine-readable reason on some error responses; kdlib.remote treats SHARD_MISSING as final (no retries).
+# Machine-readable reason on some error responses; kdlib.data.remote treats SHARD_MISSING as final (no retries).
 ERROR_HEADER = "X-Kdcache-Error"
 SHARD_MISSING = "shard-missing"
 DEFAULT_MAX_ROWS = 65536

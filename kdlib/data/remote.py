@@ -10,7 +10,7 @@ and checks every transfer against the manifest's size and sha256: a corrupt tran
 few times and never used; a persistent mismatch raises ``CorruptShardError`` naming the array and shard,
 and so does a shard the server reports missing (404 ``X-Kdcache-Error: shard-missing``, at once, no retries).
 
-Everything after the fetch is the shared reader code (``kdlib.reader``): decoding, the decoded ``.npy``
+Everything after the fetch is the shared reader code (``kdlib.data.cache``): decoding, the decoded ``.npy``
 memory maps and their directory (``decode_dir``/<manifest hash>), and ``DecodedShardStore``'s size limit
 (``shard_cache_bytes``, least recently used evicted first; file mtime is the recency, so processes sharing
 the directory share one LRU), background prefetch and parallel decode of a batch's shards. Local and
@@ -42,7 +42,7 @@ import httpx
 
 from cache_server import format as fmt
 from cache_server.format import CacheError, CorruptShardError
-from kdlib.reader import CacheReader
+from kdlib.data.cache import CacheReader
 
 __all__ = [
     "RemoteCache",
@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "KDCACHE_TOKEN"
 DEFAULT_SHARD_CACHE_BYTES = 20 << 30
 DEFAULT_PIECE_BYTES = 2 << 20
-# These must match cache_server.server (kdlib needs no FastAPI).
+# These must match cache_server.serve.app (kdlib needs no FastAPI).
 CHECKSUM_HEADER = "x-checksum-sha256"
 ERROR_HEADER = "x-kdcache-error"
 SHARD_MISSING = "shard-missing"

@@ -1,4 +1,4 @@
-"""`kdcache` command line: one subcommand per module in ``cache_server/commands/``.
+"""`kdcache` command line: one subcommand per module in ``cache_server/cli/``.
 
 Examples::
 
@@ -18,10 +18,10 @@ __all__ = ["main", "build_parser"]
 
 # Imported lazily so `kdcache info` does not pay for transformers or FastAPI.
 SUBCOMMANDS = {
-    "build": "cache_server.commands.build",
-    "info": "cache_server.commands.info",
-    "verify": "cache_server.commands.verify",
-    "serve": "cache_server.commands.serve",
+    "build": "cache_server.cli.build",
+    "info": "cache_server.cli.info",
+    "verify": "cache_server.cli.verify",
+    "serve": "cache_server.cli.serve",
 }
 
 

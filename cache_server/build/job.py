@@ -40,9 +40,9 @@ import numpy as np
 import torch
 
 from cache_server import format as fmt
-from cache_server.data_sources import TokenData, TokenizerInfo, load_tokenizer, open_token_data
-from cache_server.teacher import COMPUTE_DTYPES, TeacherInfo, forward_logits, inspect_teacher, load_teacher
-from cache_server.writer import STATE_DIR, CacheWriter
+from cache_server.build.sources import TokenData, TokenizerInfo, load_tokenizer, open_token_data
+from cache_server.build.teacher import COMPUTE_DTYPES, TeacherInfo, forward_logits, inspect_teacher, load_teacher
+from cache_server.build.writer import STATE_DIR, CacheWriter
 
 __all__ = [
     "BuildOptions",

@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 
 from cache_server import format as fmt
-from cache_server.serve_registry import RegisteredCache
+from cache_server.serve.registry import RegisteredCache
 
 __all__ = ["DecodedShardLRU", "MissingShardError"]
 

@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT_KEEP_ALIVE_S = 15
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from cache_server.server import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_ROWS
+    from cache_server.serve.app import DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_ROWS
 
     parser = subparsers.add_parser(
         "serve",
@@ -98,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cache_server.format import CacheError
-    from cache_server.serve_registry import parse_cache_args, register_caches
-    from cache_server.server import API_PREFIX, create_app
+    from cache_server.serve.registry import parse_cache_args, register_caches
+    from cache_server.serve.app import API_PREFIX, create_app
 
     token = read_token_file(args.token_file) if args.token_file is not None else None
     if token is None and not is_loopback_host(args.host):

@@ -1,0 +1,1 @@
+"""The data room of kdlib: shard sources, the decoded-shard store, open_cache and the cache classes."""
