@@ -38,7 +38,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -53,22 +52,14 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._common import machine_info  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
-from cache_server.build.job import BuildOptions, compute_targets, run_build  # noqa: E402
+from cache_server.build.job import run_build  # noqa: E402
+from cache_server.build.options import BuildOptions  # noqa: E402
+from cache_server.build.targets import compute_targets  # noqa: E402
 from tests.teachers import stdlib_documents, train_tokenizer  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-
-
-def _machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "loadavg_start": os.getloadavg(),
-    }
 
 
 def _tokenize_stdlib(tok_dir: Path, max_chars: int) -> np.ndarray:
@@ -210,7 +201,7 @@ def _train_teacher(tokens: np.ndarray, vocab: int, seconds: float, seq_len: int,
 
 def _targets_only(model, sequences: np.ndarray, batch_size: int, topk: int) -> tuple[float, float]:
     """Forward + compute_targets without any writer: (wall seconds, seconds inside compute_targets)."""
-    from cache_server.build.job import workspace_numel
+    from cache_server.build.targets import workspace_numel
 
     t0 = time.perf_counter()
     targets_s = 0.0
@@ -350,7 +341,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     sequences = args.sequences or (32 if args.quick else 256)
     train_s = args.train_s if args.train_s is not None else (45.0 if args.quick else 300.0)
-    machine = _machine()
+    machine = machine_info()  # its load average is the one at the start
     command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
     work = Path(tempfile.mkdtemp(prefix="kdcache_bench_build_"))
     wall0 = time.perf_counter()
@@ -441,7 +432,7 @@ def main() -> None:
             "torch_threads": torch.get_num_threads(),
             "writer": _writer_threads(),
             "bench_wall_s": round(time.perf_counter() - wall0, 1),
-            "machine": {**machine, "loadavg_end": os.getloadavg()},
+            "machine": {**machine, "loadavg_1_5_15min_end": [round(x, 2) for x in os.getloadavg()]},
             "command": command,
         }
         RESULTS.mkdir(parents=True, exist_ok=True)

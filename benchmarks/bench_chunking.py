@@ -1,6 +1,6 @@
 """Why the default chunking: stored size and decode speed of a shard vs the inner-chunk size.
 
-Writes the same synthetic k=32 arrays (Zipf-like ids, sorted fp16 log-probs; see benchmarks/_common.py) with
+Writes the same synthetic k=32 arrays (distinct Zipf-like ids, sorted fp16 log-probs; benchmarks/_common.py) with
 inner chunks of 128 KiB .. 4 MiB of ``topk_ids`` (shards fixed at ~32 MiB), then measures per setting: stored
 bytes/token, the time to decode a whole shard with ``format.decode_shard`` (what a reader does once per shard),
 and zarr-python's time for one random inner-chunk read (what reading through zarr per step would cost).
@@ -46,12 +46,9 @@ def main() -> None:
     for kib in chunk_kib:
         chunk_seqs = max(1, (kib << 10) // row_bytes)
         out = work / f"chunk{kib}"
-        # Same data for every setting (same seed); only the inner chunking differs.
-        write_fast_synthetic_cache(out, num_sequences, args.seq_len, args.topk, args.vocab_size, seed=3)
-        manifest = fmt.load_manifest(out)
-        if manifest["chunk_seqs"] != chunk_seqs:  # rewrite with this chunking through the real writer
-            shutil.rmtree(out)
-            _rewrite(out, num_sequences, args, shard_seqs, chunk_seqs)
+        # Same data for every setting (same seed, same shards); only the inner chunking differs.
+        write_fast_synthetic_cache(out, num_sequences, args.seq_len, args.topk, args.vocab_size, seed=3,
+                                   shard_seqs=shard_seqs, chunk_seqs=chunk_seqs)
         caches[kib] = out
 
     # Correctness before timing: every setting decodes to the same arrays.
@@ -111,29 +108,6 @@ def main() -> None:
     write_results("bench_chunking" + ("_quick" if args.quick else ""), summary, rows)
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary, sort_keys=True))
-
-
-def _rewrite(out: Path, num_sequences: int, args, shard_seqs: int, chunk_seqs: int) -> None:
-    """The fast synthetic data again, laid out with the given chunking."""
-    from cache_server.build.writer import CacheWriter
-
-    tmp = out.with_name(out.name + "-src")
-    write_fast_synthetic_cache(tmp, num_sequences, args.seq_len, args.topk, args.vocab_size, seed=3)
-    import kdlib
-
-    source = kdlib.open_cache(tmp, decode_dir=tmp.with_name(tmp.name + "-dec"))
-    layout = fmt.CacheLayout(num_sequences=num_sequences, seq_len=args.seq_len, topk=args.topk,
-                             vocab_size=args.vocab_size, shard_seqs=shard_seqs, chunk_seqs=chunk_seqs)
-    writer = CacheWriter(out, layout, settings={"chunk_seqs": chunk_seqs})
-    names = [s.name for s in layout.arrays()]
-    for i in writer.pending_shards():
-        a, b = layout.shard_range(i)
-        batch = source.read(a, b, arrays=names)
-        arrays = {k: v.numpy().astype(next(s.dtype for s in layout.arrays() if s.name == k)) for k, v in batch.items()}
-        writer.write_shard(i, arrays)
-    writer.finalize()
-    shutil.rmtree(tmp)
-    shutil.rmtree(tmp.with_name(tmp.name + "-dec"), ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ import argparse
 import csv
 import datetime as dt
 import json
-import os
-import platform
 import re
 import shlex
 import statistics
@@ -46,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks._common import machine_info  # noqa: E402
 from kdlib.losses import kd_loss, kd_loss_from_hidden, kd_loss_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -232,15 +231,6 @@ def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size, re
     for name, _ in fns:
         res[name]["eval_ms"] = statistics.median(eval_ms[name])
     return {k: v for k, v in res.items() if k in ("materialized", "from_hidden")}
-
-
-def machine_info(device):
-    info = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-                cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                cpus=os.cpu_count())
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def main(argv=None):

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median, write_fast_synthetic_cache, write_results  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
-from kdlib.data.cache import open_cache  # noqa: E402
+from kdlib.data.open import open_cache  # noqa: E402
 
 
 def drop_from_page_cache(cache_dir: Path) -> None:

@@ -1,6 +1,6 @@
 """Serving a k=32 cache over loopback HTTP: one streaming client's throughput, 16 clients' request latency.
 
-Setup: a synthetic k=32 cache (V=151,936, uint32 ids, fp16 log-probs; Zipf-like ids, sorted log-probs), a real
+Setup: a synthetic k=32 cache (V=151,936, uint32 ids, fp16 log-probs; benchmarks/_common.py), a real
 ``python -m cache_server serve`` subprocess on 127.0.0.1 (uvloop + httptools), clients in this process.
 
 1. Correctness first: one remote read of every sequence and array must equal the local reader's.
@@ -38,43 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median, write_results  # noqa: E402
+from benchmarks._common import median, write_fast_synthetic_cache, write_results  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
-from cache_server.build.writer import CacheWriter  # noqa: E402
 from kdlib.data.cache import LocalCache  # noqa: E402
 from kdlib.data.remote import DEFAULT_PIECE_BYTES, RemoteCache  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
 TOKEN = "bench-token"
 NUM_CLIENTS = 16
-
-
-def write_cache(out_dir: Path, num_sequences: int, seq_len: int, topk: int, vocab_size: int, shard_seqs: int,
-                chunk_seqs: int, seed: int = 0) -> Path:
-    """Fast synthetic cache (no teacher): same value recipe as benchmarks/_common, explicit shard size."""
-    layout = fmt.CacheLayout(num_sequences=num_sequences, seq_len=seq_len, topk=topk, vocab_size=vocab_size,
-                             temperatures=(2.0,), shard_seqs=shard_seqs, chunk_seqs=chunk_seqs)
-    writer = CacheWriter(out_dir, layout, settings={"bench_server_seed": seed}, overwrite=True)
-    for i in writer.pending_shards():
-        a, b = layout.shard_range(i)
-        n = b - a
-        rng = np.random.default_rng([seed, i])
-        logits = np.sort(rng.gumbel(size=(n, seq_len, topk)).astype(np.float32) * 2.0, axis=-1)[..., ::-1]
-        tail = rng.uniform(0.02, 0.6, size=(n, seq_len, 1)).astype(np.float32)
-        head = np.exp(logits - logits.max(-1, keepdims=True))
-        head = head / head.sum(-1, keepdims=True) * (1 - tail)
-        lse = rng.normal(10.0, 1.0, size=(n, seq_len)).astype(np.float32)
-        writer.write_shard(i, {
-            "input_ids": rng.integers(0, vocab_size, size=(n, seq_len)).astype(layout.ids_dtype),
-            "topk_ids": (rng.zipf(1.2, size=(n, seq_len, topk)) % vocab_size).astype(layout.ids_dtype),  # [n, T, K]
-            "topk_logprobs": np.log(head).astype(layout.logprob_dtype),  # [n, T, K]
-            "lse": lse,
-            "lse_t2": (lse / 2.0).astype(np.float32),
-            "seq_nll": rng.uniform(1, 5, size=n).astype(np.float32),
-            "seq_entropy": rng.uniform(1, 5, size=n).astype(np.float32),
-        })
-    writer.finalize()
-    return out_dir
 
 
 def stream_all(cache, batch_seqs: int) -> int:
@@ -94,7 +65,7 @@ def stream_all(cache, batch_seqs: int) -> int:
 
 def check_correctness(url: str, cache_dir: Path, work: Path) -> None:
     local = LocalCache(cache_dir, decode_dir=work / "check-local")
-    with RemoteCache(url, token=TOKEN, shard_cache_dir=work / "check-remote") as remote:
+    with RemoteCache(url, token=TOKEN, decode_dir=work / "check-remote") as remote:
         names = list(local.store.specs)
         for start in range(0, local.num_sequences, 64):
             stop = min(start + 64, local.num_sequences)
@@ -167,15 +138,10 @@ def main() -> None:
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="kdcache-bench-server-"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    shard_seqs, chunk_seqs = fmt.plan_chunking(args.seq_len, args.topk, args.vocab_size, num_sequences=num_sequences)
-    if args.shard_seqs is not None:
-        shard_seqs, chunk_seqs = args.shard_seqs, min(chunk_seqs, args.shard_seqs)
-        while shard_seqs % chunk_seqs:
-            chunk_seqs -= 1
-    args.shard_seqs = shard_seqs
-    cache_dir = write_cache(work / "bench", num_sequences, args.seq_len, args.topk, args.vocab_size,
-                            shard_seqs, chunk_seqs=chunk_seqs)
+    cache_dir = write_fast_synthetic_cache(work / "bench", num_sequences, args.seq_len, args.topk, args.vocab_size,
+                                           temperatures=(2.0,), shard_seqs=args.shard_seqs)
     manifest = fmt.load_manifest(cache_dir)
+    args.shard_seqs = manifest["shard_seqs"]
     stored_bytes = sum(e["nbytes"] for entries in manifest["shards"].values() for e in entries)
     tokens_total = num_sequences * args.seq_len
     print(f"cache: {num_sequences} x {args.seq_len} tokens, k={args.topk}, {manifest['num_shards']} shards, "
@@ -193,7 +159,7 @@ def main() -> None:
                 decode_dir = work / f"dec-{mode}-{r}"
                 started = time.perf_counter()
                 if mode == "remote":
-                    cache = RemoteCache(url, token=TOKEN, shard_cache_dir=decode_dir)
+                    cache = RemoteCache(url, token=TOKEN, decode_dir=decode_dir)
                 else:
                     cache = LocalCache(cache_dir, decode_dir=decode_dir)
                 tokens = stream_all(cache, args.batch_seqs)

@@ -57,61 +57,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import kdlib  # noqa: E402
+from benchmarks._common import machine_info, write_fast_synthetic_cache  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
-from cache_server.build.writer import CacheWriter  # noqa: E402
 from kdlib.alignment import shift_labels  # noqa: E402
 from kdlib.integrations import distill_loss  # noqa: E402
 from kdlib.loader import epoch_order, move_batch  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
-
-
-# ----------------------------------------------------------------------------------------------- the cache
-
-
-def fast_synthetic_shard(rng: np.random.Generator, n: int, T: int, K: int, V: int) -> dict[str, np.ndarray]:
-    """Teacher-shaped arrays without full-vocab logits: unique top-k ids, descending log-probs, a real tail.
-
-    Ids are ``(start + stride * arange(K)) % V`` with an odd stride, unique when V is a power of two;
-    otherwise rows are de-duplicated by rejection. Cost is O(n T K) instead of O(n T V log V).
-    """
-    ids_dtype = fmt.ids_dtype_for_vocab(V)
-    start = rng.integers(0, V, size=(n, T, 1))
-    stride = rng.integers(0, V // 2, size=(n, T, 1)) * 2 + 1
-    topk_ids = (start + stride * np.arange(K)) % V  # [n, T, K]
-    if V & (V - 1):  # not a power of two: strides may repeat ids; fall back to per-row sampling
-        for idx in zip(*np.nonzero(np.array([[len(set(r)) < K for r in s] for s in topk_ids]))):
-            topk_ids[idx] = rng.choice(V, size=K, replace=False)
-    head = rng.standard_normal((n, T, K)) * 1.5
-    head[..., 0] += rng.exponential(4.0, size=(n, T))  # peaked with outliers
-    head = -np.sort(-head, axis=-1)
-    tail_mass = rng.uniform(0.01, 0.3, size=(n, T, 1))
-    probs = np.exp(head - head.max(-1, keepdims=True))
-    probs = probs / probs.sum(-1, keepdims=True) * (1.0 - tail_mass)  # Σ top-k = 1 - tail
-    logprobs = np.log(probs)
-    lse = rng.normal(12.0, 2.0, size=(n, T)).astype(np.float32)
-    input_ids = rng.integers(0, V, size=(n, T))
-    return {
-        "input_ids": input_ids.astype(ids_dtype),
-        "topk_ids": topk_ids.astype(ids_dtype),
-        "topk_logprobs": logprobs.astype(np.float16),
-        "lse": lse,
-        "seq_nll": rng.uniform(2.0, 6.0, size=n).astype(np.float32),
-        "seq_entropy": (-(probs * logprobs).sum(-1).mean(-1)).astype(np.float32),
-    }
-
-
-def write_cache(out_dir: Path, N: int, T: int, K: int, V: int, seed: int = 0, shard_seqs: int = 16) -> Path:
-    layout = fmt.CacheLayout(num_sequences=N, seq_len=T, topk=K, vocab_size=V, shard_seqs=shard_seqs,
-                             chunk_seqs=min(8, shard_seqs))
-    writer = CacheWriter(out_dir, layout, settings={"generator": "step_overhead.fast_synthetic_shard",
-                                                    "seed": seed},
-                         manifest_fields={"teacher": {"name": "synthetic"}})
-    for i in writer.pending_shards():
-        a, b = layout.shard_range(i)
-        writer.write_shard(i, fast_synthetic_shard(np.random.default_rng([seed, i]), b - a, T, K, V))
-    writer.finalize()
-    return out_dir
 
 
 # ----------------------------------------------------------------------------------------------- steps
@@ -206,14 +158,14 @@ def check_correctness(model, cache, kd_kwargs: dict[str, Any], device: torch.dev
     return err
 
 
-def http_cache(cache_dir: Path, stack: contextlib.ExitStack, shard_cache_dir: Path, shard_cache_bytes: int):
+def http_cache(cache_dir: Path, stack: contextlib.ExitStack, decode_dir: Path, max_decoded_bytes: int):
     """Serve the cache with the project's server (tests/serverproc.py) and open it by URL, with an empty local
-    shard directory of ``shard_cache_bytes`` (nothing is fetched or decoded before timing)."""
+    shard directory of ``max_decoded_bytes`` (nothing is fetched or decoded before timing)."""
     from tests.serverproc import ServerProcess
 
-    server = stack.enter_context(ServerProcess([str(cache_dir)], token_dir=shard_cache_dir.parent))
-    return kdlib.open_cache(server.cache_url(cache_dir.name), shard_cache_dir=shard_cache_dir,
-                            shard_cache_bytes=shard_cache_bytes)
+    server = stack.enter_context(ServerProcess([str(cache_dir)], token_dir=decode_dir.parent))
+    return kdlib.open_cache(server.cache_url(cache_dir.name), decode_dir=decode_dir,
+                            max_decoded_bytes=max_decoded_bytes)
 
 
 def check_http_bytes(remote, cache) -> None:
@@ -266,7 +218,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cache_dir = args.cache_dir or tmp / "cache"
         t0 = time.perf_counter()
         if not (cache_dir / fmt.MANIFEST_NAME).exists():
-            write_cache(cache_dir, N, T, K, V, shard_seqs=args.shard_seqs)
+            # overwrite=False: a --cache-dir holding another cache is refused, not replaced
+            write_fast_synthetic_cache(cache_dir, N, T, K, V, shard_seqs=args.shard_seqs,
+                                       chunk_seqs=min(8, args.shard_seqs), overwrite=False)
         cache = kdlib.open_cache(cache_dir, decode_dir=tmp / "decoded")
         if (cache.seq_len, cache.topk, cache.vocab_size) != (T, K, V):
             raise SystemExit(f"--cache-dir holds T={cache.seq_len} K={cache.topk} V={cache.vocab_size}, not the "
@@ -294,11 +248,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             else:
                 decoded_per_shard = cache.store.decoded_bytes() / cache.num_shards
                 shard_cache_shards = min(cache.num_shards - 1, 3 * args.window_shards)
-                http["shard_cache_bytes"] = int(decoded_per_shard * (shard_cache_shards + 0.5))
+                http["max_decoded_bytes"] = int(decoded_per_shard * (shard_cache_shards + 0.5))
                 http["cache_decoded_bytes"] = cache.store.decoded_bytes()
                 # A fresh directory per run and no prepare(): the timed steps fetch what they read.
                 remote = http_cache(cache_dir, stack, tmp / f"shards_http_{os.getpid()}_{time.time_ns()}",
-                                    http["shard_cache_bytes"])
+                                    http["max_decoded_bytes"])
                 check_http_bytes(remote, cache)
                 kd_batches["kd_http"] = cycle(kdlib.make_loader(remote, B, **loader_kwargs))
         steps_by_mode = make_steps(model, optimizer, tokens, kd_batches, order, B, kd_kwargs, device, ce_batches)
@@ -346,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "step_overhead",
         "quick": quick,
         "device": str(device),
-        "torch": torch.__version__,
+        "machine": machine_info(device),
         "student": {"arch": "gpt2", "layers": args.layers, "d_model": args.d_model, "vocab": V},
         "batch_size": B, "seq_len": T, "topk": K, "cache_sequences": N, "shard_seqs": cache.shard_seqs,
         "shuffle_window_shards": args.window_shards,
@@ -364,7 +318,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k / c for k, c in zip(times["kd"], times["ce"])), 4),
         "overhead_ratio_of_minima": round(min(times["kd"]) / min(times["ce"]), 4),
         "load_avg_1min_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
-        "cpu_count": os.cpu_count(),
         "target_ratio": 1.02,
         "published_best_ratio": 1.074,
         "correctness_abs_err": err,

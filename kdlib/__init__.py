@@ -5,6 +5,7 @@ Public entry points (imported lazily so `import kdlib` stays cheap and optional 
 * ``open_cache(path_or_url)``: a local (memory-mapped) or remote (HTTP) cache with ``read(start, stop)``.
 * ``kd_loss`` / ``KDLoss`` / ``kd_loss_from_batch`` / ``kd_loss_from_hidden``: sparse-KD losses fused with CE.
 * ``make_loader`` / ``CacheDataset`` / ``check_alignment``: the training-side data path.
+* ``kd_step_loss(model, batch, **loss_kwargs)``: run the student on the batch's own tokens, return (loss, logits).
 """
 
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "open_cache": "kdlib.data.cache",
+    "open_cache": "kdlib.data.open",
     "LocalCache": "kdlib.data.cache",
     "CacheError": "cache_server.format",
     "kd_loss": "kdlib.losses",
     "KDLoss": "kdlib.losses",
+    "KDLossOptions": "kdlib.losses",
     "kd_loss_from_batch": "kdlib.losses",
     "kd_loss_from_hidden": "kdlib.losses",
     "make_loader": "kdlib.loader",
@@ -28,6 +30,8 @@ _EXPORTS = {
     "check_alignment": "kdlib.alignment",
     "AlignmentError": "kdlib.alignment",
     "RemoteCache": "kdlib.data.remote",
+    "kd_step_loss": "kdlib.integrations.step",
+    "distill_loss": "kdlib.integrations.step",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

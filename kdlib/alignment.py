@@ -11,84 +11,34 @@ token, so ``student_logits[:, t]`` pairs with ``topk_ids[:, t]`` directly, and t
 ``input_ids[:, t+1]``; the last position has no label inside the sequence (``ignore_index``).
 
 Offline KD fails silently when the student's batch is not the batch the teacher saw (another shuffle, an
-off-by-one shift, another tokenizer): the loss still decreases, towards the wrong targets. The checks are
-split so that a training step never waits for the device:
+off-by-one shift, another tokenizer): the loss still decreases, towards the wrong targets.
 
-* the top-k id range (every cached id below the teacher's vocabulary) is checked on the CPU where a batch is
-  made (``kdlib.make_loader``, ``CacheDataset``, ``KDTrainer``'s look-up), before the copy to the device
-  (:func:`check_topk_ids_in_vocab`);
-* :func:`check_alignment` compares the vocabulary sizes as Python ints, and compares tokens only when the student
-  was fed tokens of its own (one comparison and one device sync); fed the batch's own ``input_ids`` (the usual
-  case), it does not read device memory at all.
+What is checked, exactly:
+
+* by default (:func:`check_alignment` without ``student_input_ids``, and likewise ``distill_loss``,
+  ``kd_loss_from_batch`` and ``KDTrainer`` on rows that carry the teacher data) ONLY THE VOCABULARY: the
+  student's output size against the cache's (:func:`kdlib.batch.check_student_vocab`, Python ints), and the
+  cached top-k ids below the student's vocabulary (implied by the sizes, because every id was checked against
+  the teacher's vocabulary on the CPU where the batch was made, :func:`check_topk_ids_in_vocab`). The tokens
+  are NOT compared: nothing here can tell that the student was fed the batch's own ``input_ids``;
+* the tokens are compared only when ``student_input_ids=`` is given (the tokens the student was really fed;
+  one comparison and one host-device sync per step). ``KDTrainer`` does this itself when it looks the teacher
+  rows up by index for a dataset of your own.
+
+The way to rule a shift out by construction is to let kdlib feed the student: :func:`kdlib.kd_step_loss`
+calls ``model(batch["input_ids"])`` itself and takes the labels from the same batch.
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Mapping
 
-import numpy as np
 import torch
 
+from .batch import (DEFAULT_IGNORE_INDEX, AlignmentError, check_student_vocab, check_topk_ids_in_vocab,
+                    shift_labels, teacher_vocab_size_of)
+
 __all__ = ["AlignmentError", "check_alignment", "check_topk_ids_in_vocab", "shift_labels", "DEFAULT_IGNORE_INDEX"]
-
-DEFAULT_IGNORE_INDEX = -100
-
-
-class AlignmentError(ValueError):
-    """The student's tokens or vocabulary do not match the cache the teacher targets came from."""
-
-
-def shift_labels(input_ids: torch.Tensor, ignore_index: int = DEFAULT_IGNORE_INDEX) -> torch.Tensor:
-    """Next-token labels per the cache convention: ``labels[..., t] = input_ids[..., t+1]``, last = ignore_index.
-
-    Args:
-        input_ids: [..., T] integer tokens (any integer dtype).
-        ignore_index: label of the last position (it has no next token inside the sequence).
-
-    Returns:
-        [..., T] int64 labels (the dtype ``cross_entropy`` takes, so nothing widens them again).
-    """
-    labels = torch.empty(input_ids.shape, dtype=torch.int64, device=input_ids.device)  # [..., T]
-    labels[..., :-1] = input_ids[..., 1:]
-    labels[..., -1] = ignore_index
-    return labels
-
-
-def check_topk_ids_in_vocab(topk_ids: torch.Tensor | np.ndarray, vocab_size: int) -> None:
-    """Raise :class:`AlignmentError` if a cached top-k id is outside the teacher's vocabulary.
-
-    Meant for CPU batches where they are made (one pass over [B, T, K] compact ids, no device involved); on a
-    device tensor it would cost a host-device sync.
-
-    Args:
-        topk_ids: [B, T, K] (any leading shape) cached ids, uint16/int32/int64.
-        vocab_size: the teacher's vocabulary size (the cache manifest's ``vocab_size``).
-    """
-    if isinstance(topk_ids, torch.Tensor):
-        if topk_ids.device.type != "cpu":
-            topk_ids = topk_ids.cpu()
-        topk_ids = topk_ids.numpy()
-    if topk_ids.size == 0:
-        return
-    largest = int(topk_ids.max())
-    if largest >= int(vocab_size):
-        raise AlignmentError(
-            f"the cache holds teacher top-k id {largest}, outside the teacher's vocabulary of {int(vocab_size)} that "
-            "its manifest states: the cache is inconsistent (built with another vocab_size than its teacher's "
-            "output size); rebuild it with the teacher's real vocabulary size")
-
-
-def _teacher_vocab_size(teacher_batch: Mapping[str, Any], explicit: int | None) -> int | None:
-    if explicit is not None:
-        return int(explicit)
-    value = teacher_batch.get("teacher_vocab_size") if isinstance(teacher_batch, Mapping) else None
-    if value is None:
-        return None
-    if isinstance(value, torch.Tensor):
-        # 0-dim from CacheLoader, [B] after a default collate. The loaders keep it on the CPU, where reading it
-        # does not wait for the device; a copy moved to an accelerator costs one sync here.
-        return int(value.reshape(-1)[0])
-    return int(value)
 
 
 def check_alignment(
@@ -99,29 +49,29 @@ def check_alignment(
     teacher_vocab_size: int | None = None,
     allow_padded_vocab: bool = False,
 ) -> None:
-    """Raise :class:`AlignmentError` unless the student trains on exactly the tokens the teacher saw.
+    """Raise :class:`AlignmentError` if the student's vocabulary, or its tokens when given, differ from the cache's.
 
-    Checks:
+    Checks, in this order:
 
-    * shapes: the student's [B, T] equals the cache batch's ``input_ids`` [B, T];
-    * tokens: every position equal (the error says how many differ, the first (row, position), and whether
-      the student looks shifted by one position, the most common mistake). Skipped when ``student_input_ids``
-      is None or is the batch's own ``input_ids`` tensor: then they are equal by construction, and skipping
-      saves a host-device sync per step;
-    * vocabulary: ``student_vocab_size`` equals the teacher's (``teacher_vocab_size=``, or the batch's
-      ``teacher_vocab_size`` entry that :func:`kdlib.make_loader` and :class:`kdlib.CacheDataset` add). With
-      ``allow_padded_vocab=True`` a student vocabulary LARGER than the teacher's also passes: models often pad
-      the embedding to a multiple of 64/128 (GPT-2: 50304 rows for 50257 tokens); the padded rows are never a
-      label or a cached id, so they only take some of the student's probability mass (the KD tail). A smaller
-      student vocabulary never passes;
+    * shapes and tokens, ONLY when ``student_input_ids`` is given and is not the batch's own ``input_ids``
+      tensor: the student's [B, T] equals the cache batch's ``input_ids`` [B, T], and every position is equal
+      (the error says how many differ, the first (row, position), and whether the student looks shifted by
+      one position, the most common mistake). One comparison and one host-device sync. Without
+      ``student_input_ids`` the tokens are not checked at all;
+    * vocabulary, when ``student_vocab_size`` is given: it equals the teacher's (``teacher_vocab_size=``, or
+      the batch's ``teacher_vocab_size`` entry that :func:`kdlib.make_loader` and :class:`kdlib.CacheDataset`
+      add), per :func:`kdlib.batch.check_student_vocab`. With ``allow_padded_vocab=True`` a student vocabulary
+      LARGER than the teacher's also passes (an embedding padded to a multiple of 64/128: GPT-2 has 50304 rows
+      for 50257 tokens); a smaller one never passes;
     * top-k ids: every cached id below ``student_vocab_size``. When the teacher's vocabulary is known this
       follows from the size comparison, because the batch makers checked every id against the teacher's
       vocabulary on the CPU (:func:`check_topk_ids_in_vocab`); only when it is unknown are the ids scanned here
       (one device sync).
 
     Args:
-        student_input_ids: [B, T] tokens the student is fed (any integer dtype, any device), or None when the
-            student is fed ``teacher_batch["input_ids"]`` itself.
+        student_input_ids: [B, T] tokens the student was fed (any integer dtype, any device), compared with
+            the cache's; None (the student was fed ``teacher_batch["input_ids"]``, which is then trusted, not
+            checked) compares no tokens.
         teacher_batch: a cache batch with ``input_ids`` [B, T] (and ``topk_ids`` [B, T, K] for the id check).
         student_vocab_size: the student's output vocabulary (e.g. ``model.config.vocab_size``); None skips the
             vocabulary checks.
@@ -141,31 +91,14 @@ def check_alignment(
 
     if student_vocab_size is None:
         return
-    student_vocab_size = int(student_vocab_size)
-    teacher_vocab = _teacher_vocab_size(teacher_batch, teacher_vocab_size)
+    teacher_vocab = teacher_vocab_size_of(teacher_batch, teacher_vocab_size)
     if teacher_vocab is not None:
-        padded_ok = allow_padded_vocab and student_vocab_size > teacher_vocab
-        if teacher_vocab != student_vocab_size and not padded_ok:
-            if student_vocab_size > teacher_vocab:
-                hint = (" If the student's embedding is only padded beyond the teacher's tokens (e.g. 50304 rows "
-                        "for GPT-2's 50257), pass allow_padded_vocab=True.")
-            else:
-                hint = ""
-            raise AlignmentError(
-                f"the student's vocabulary has {student_vocab_size} entries but the cache's teacher had "
-                f"{teacher_vocab}: top-k ids index different tokens (or none). Use a student with the teacher's "
-                "tokenizer and vocab_size, or rebuild the cache with a teacher that shares the student's "
-                f"tokenizer.{hint}")
-        return  # every cached id < teacher_vocab <= student_vocab_size (checked on the CPU by the batch maker)
+        # Every cached id < teacher_vocab (checked on the CPU by the batch maker), so the sizes settle the ids.
+        check_student_vocab(student_vocab_size, teacher_vocab, allow_padded_vocab=allow_padded_vocab)
+        return
     topk_ids = teacher_batch.get("topk_ids")
-    if topk_ids is not None and topk_ids.numel():
-        # uint16 has no max() on every backend: compare in int32, exact for ids < 2**31.
-        largest = int(topk_ids.to(torch.int32).max()) if topk_ids.dtype == torch.uint16 else int(topk_ids.max())
-        if largest >= student_vocab_size:
-            raise AlignmentError(
-                f"the cache holds teacher top-k id {largest}, outside the student's vocabulary of "
-                f"{student_vocab_size}: the teacher's vocabulary is larger; use a student with the teacher's "
-                "tokenizer and vocab_size")
+    if topk_ids is not None:
+        check_topk_ids_in_vocab(topk_ids, int(student_vocab_size), vocab_of="student")  # one device sync
 
 
 def _check_tokens(student_input_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:

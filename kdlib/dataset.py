@@ -20,7 +20,7 @@ Every cached top-k id is checked against the teacher's vocabulary here, on the C
 With a ``DataLoader(batch_size=B)`` the default collate stacks these to the batch layout of
 :func:`kdlib.make_loader`. Batched fetching (``__getitems__``, torch >= 2.2) reads a whole batch with one
 ``cache.lookup`` instead of B single reads. Users whose own loader already yields sequence indices can call
-``cache.lookup(indices)`` directly (then add labels with ``kdlib.alignment.shift_labels``).
+``kdlib.batch.read_batch(cache, indices)`` directly (the same batch assembly as here and in the loader).
 
 Prefer :func:`kdlib.make_loader` for training: it shuffles shard-aware (reads stay sequential), partitions
 ranks and workers, and resumes mid-epoch. A random sampler over this dataset touches every shard every batch.
@@ -28,13 +28,13 @@ ranks and workers, and resumes mid-epoch. A random sampler over this dataset tou
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .alignment import DEFAULT_IGNORE_INDEX, check_topk_ids_in_vocab, shift_labels
-from .loader import _CacheRef
+from .batch import DEFAULT_IGNORE_INDEX, read_batch
 
 __all__ = ["CacheDataset"]
 
@@ -43,7 +43,8 @@ class CacheDataset(torch.utils.data.Dataset):
     """The cache's sequences by index.
 
     Args:
-        cache: a reader from ``kdlib.open_cache`` or a cache path/URL (opened lazily in each process).
+        cache: a reader from ``kdlib.open_cache`` or a cache path/URL (opened here with ``open_kwargs``); a
+            DataLoader worker gets it by pickling (it reopens the same cache with the same options).
         arrays: per-position arrays to return (default all; ``input_ids`` is always included).
         ignore_index: label of the last position.
         open_kwargs: keyword arguments for ``open_cache`` when ``cache`` is a path/URL.
@@ -51,18 +52,17 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __init__(self, cache: Any, *, arrays: Sequence[str] | None = None,
                  ignore_index: int = DEFAULT_IGNORE_INDEX, open_kwargs: Mapping[str, Any] | None = None) -> None:
-        self._cache_ref = _CacheRef(cache, open_kwargs)
-        reader = self._cache_ref.get()
-        self.num_sequences = reader.num_sequences
-        self.vocab_size = reader.vocab_size
+        if isinstance(cache, (str, os.PathLike)):
+            from .data.open import open_cache
+
+            cache = open_cache(cache, **dict(open_kwargs or {}))
+        self.cache = cache
+        self.num_sequences = cache.num_sequences
+        self.vocab_size = cache.vocab_size
         if arrays is not None and "input_ids" not in arrays:
             arrays = ("input_ids", *arrays)
         self.arrays = tuple(arrays) if arrays is not None else None
         self.ignore_index = int(ignore_index)
-
-    @property
-    def cache(self):
-        return self._cache_ref.get()
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -79,14 +79,7 @@ class CacheDataset(torch.utils.data.Dataset):
         """Sequences at ``indices`` as one batch ([B, ...] tensors), in the order given."""
         idx = np.asarray(indices.cpu().numpy() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64)
         idx = np.array([self._index(i) for i in idx.reshape(-1)], dtype=np.int64)
-        batch = self.cache.lookup(idx, arrays=self.arrays)
-        if "topk_ids" in batch:
-            # On the CPU where the batch is made, so the training step's alignment check needs no device sync.
-            check_topk_ids_in_vocab(batch["topk_ids"], self.vocab_size)  # [B, T, K]
-        batch["labels"] = shift_labels(batch["input_ids"], self.ignore_index)  # [B, T]
-        batch["sample_indices"] = torch.from_numpy(idx)  # [B]
-        batch["teacher_vocab_size"] = torch.tensor(self.vocab_size, dtype=torch.int64)
-        return batch
+        return read_batch(self.cache, idx, self.arrays, self.ignore_index)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         batch = self.batch([index])

@@ -25,6 +25,9 @@ __all__ = [
     "TinyLM",
     "tiny_lm_factory",
     "nan_lm_factory",
+    "batch_dependent_lm_factory",
+    "failing_factory",
+    "wrong_output_lm_factory",
     "NAN_TOKEN",
     "save_factory_teacher",
     "write_token_file",
@@ -148,12 +151,41 @@ class NanLM(TinyLM):
         return torch.where((input_ids == NAN_TOKEN)[..., None], torch.full_like(logits, float("nan")), logits)
 
 
+class BatchDependentLM(TinyLM):
+    """TinyLM whose logits depend on the batch size (like a GPU kernel choosing its algorithm by shape), so
+    that rebuilding a shard with another --batch-size gives other bytes."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(input_ids)
+        tilt = torch.linspace(0.0, 1.0, logits.shape[-1], dtype=logits.dtype, device=logits.device)
+        return logits + 0.05 * input_ids.shape[0] * tilt
+
+
 def tiny_lm_factory() -> TinyLM:
     return TinyLM()
 
 
 def nan_lm_factory() -> NanLM:
     return NanLM()
+
+
+def batch_dependent_lm_factory() -> BatchDependentLM:
+    return BatchDependentLM()
+
+
+def failing_factory() -> TinyLM:
+    """A --model-factory that fails the way a real one can (its own error, not ours)."""
+    raise RuntimeError("this factory needs a GPU with 80 GB")
+
+
+class _WrongOutputLM(TinyLM):
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids).sum(dim=-1)  # [B, T]: not logits
+
+
+def wrong_output_lm_factory() -> TinyLM:
+    """A model whose forward returns [B, T] instead of logits [B, T, V]."""
+    return _WrongOutputLM()
 
 
 def save_factory_teacher(path: str | os.PathLike, seed: int = 0) -> Path:

@@ -12,7 +12,8 @@ import torch
 import zarr
 
 from cache_server import format as fmt
-from cache_server.build.job import BuildOptions, run_build
+from cache_server.build.job import run_build
+from cache_server.build.options import BuildOptions
 from cache_server.cli import main
 from tests.teachers import (
     TinyLM,
@@ -146,6 +147,36 @@ def test_round_trip_text_with_trained_tokenizer(tmp_path, teacher300, kind):
     first = tok.encode(docs[0], add_special_tokens=False).ids[: 20 * T]
     _, arrays = read_cache(tmp_path / "c")
     np.testing.assert_array_equal(arrays["input_ids"].ravel()[: len(first)], first)
+
+
+@pytest.mark.parametrize("mode", ["file", "blank-line", "line"])
+def test_cached_text_ids_are_documents_joined_by_eos(tmp_path, teacher300, mode):
+    """The cache's input_ids are exactly encode(doc_1) + [EOS] + encode(doc_2) + ..., cut into sequences."""
+    path, _ = teacher300
+    text = stdlib_documents(max_files=1, max_chars=2_500)[0][:2_500]
+    (tmp_path / "docs.txt").write_text(text)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    if mode == "file":
+        docs = [text]
+    elif mode == "line":
+        docs = [line for line in text.split("\n") if line.strip()]
+    else:
+        docs = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
+        assert all(line.strip() or not line for line in text.split("\n"))  # blank lines are empty here
+    expected = []
+    for i, doc in enumerate(docs):
+        expected += ([eos] if i else []) + tok.encode(doc, add_special_tokens=False).ids
+    rc = build("--teacher", path, "--data", tmp_path / "docs.txt", "--topk", K, "--seq-len", T,
+               "--text-documents", mode, "--out", tmp_path / "c", "--batch-size", 16)
+    assert rc == 0
+    manifest, arrays = read_cache(tmp_path / "c")
+    n = len(expected) // T
+    np.testing.assert_array_equal(arrays["input_ids"].ravel(), np.asarray(expected[: n * T]))
+    assert manifest["dataset"]["documents"] == len(docs) and manifest["dataset"]["text_documents"] == mode
+    assert manifest["dataset"]["remainder_tokens_dropped"] == len(expected) - n * T
 
 
 @pytest.mark.parametrize("topk,logprob_dtype", [(1, "float16"), (50, "float32"), (50, "float16")])

@@ -118,3 +118,75 @@ def test_nan_logits_stop_the_build_and_keep_earlier_shards(tmp_path, capsys):
     # Rerunning the same command resumes (shards 0-1 untouched) and stops at the same place again.
     _fails(capsys, args, "sequence 5, position 7")
     assert {p: p.stat().st_mtime_ns for p in kept} == kept
+
+
+def test_unavailable_devices_are_refused_up_front(env, capsys, tmp_path):
+    import torch
+
+    root, teacher = env
+    out = tmp_path / "never"
+    _fails(capsys, _base(root, teacher, out=out) + ["--device", "tpu9"], "'tpu9' is not a torch device", out=out)
+    if torch.cuda.is_available():
+        beyond = torch.cuda.device_count() + 3
+        _fails(capsys, _base(root, teacher, out=out) + ["--device", f"cuda:{beyond}"],
+               f"only {torch.cuda.device_count()} CUDA device(s) are visible", out=out)
+    else:
+        for device in ("cuda", "cuda:3"):
+            _fails(capsys, _base(root, teacher, out=out) + ["--device", device],
+                   f"--device {device}: CUDA is not available", "use --device cpu", out=out)
+    if not torch.backends.mps.is_available():
+        _fails(capsys, _base(root, teacher, out=out) + ["--device", "mps"], "--device mps: MPS is not available",
+               out=out)
+
+
+def test_seq_len_beyond_the_teachers_positions_is_refused(env, capsys, tmp_path):
+    root, teacher = env  # max_position_embeddings = 1024
+    out = tmp_path / "never"
+    np.save(tmp_path / "long.npy", np.random.default_rng(1).integers(0, V, size=3 * 2000))
+    _fails(capsys, _base(root, teacher, tmp_path / "long.npy", out, seq_len=2000),
+           "--seq-len 2000 is longer than the teacher can see", "takes at most 1024 positions",
+           "max_position_embeddings = 1024 in its config.json",
+           "use --seq-len 1024 or less", out=out)
+
+
+def test_more_bad_inputs_end_in_one_clear_line(env, capsys, tmp_path, monkeypatch):
+    """Paths that used to end in a traceback (or an internal error): each is a one-line error, exit 2."""
+    root, teacher = env
+    out = tmp_path / "never"
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(teacher / "config.json", no_weights / "config.json")
+    _fails(capsys, _base(root, no_weights, out=out), "no *.safetensors weights", out=out)
+    weights = save_factory_teacher(tmp_path / "w.safetensors")
+    _fails(capsys, _base(root, weights, out=out) + ["--model-factory", "tests.teachers:failing_factory"],
+           "raised RuntimeError: this factory needs a GPU with 80 GB", out=out)
+    _fails(capsys, _base(root, weights, out=out) + ["--model-factory", "tests.teachers:wrong_output_lm_factory"],
+           "must return logits [B, T, V]", out=out)
+    (tmp_path / "broken_factory_module.py").write_text("raise ImportError('boom') if False else 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _fails(capsys, _base(root, weights, out=out) + ["--model-factory", "broken_factory_module:make"],
+           "importing 'broken_factory_module' failed with ZeroDivisionError", out=out)
+
+    np.save(tmp_path / "floats.npy", np.random.default_rng(0).random(5 * T))
+    _fails(capsys, _base(root, teacher, tmp_path / "floats.npy", out), "holds float64 values", out=out)
+    (tmp_path / "fake.npy").write_bytes(b"not a numpy file at all")
+    _fails(capsys, _base(root, teacher, tmp_path / "fake.npy", out), "is not a .npy file", out=out)
+    (tmp_path / "fake.parquet").write_bytes(b"PAR1 but not really")
+    _fails(capsys, _base(root, teacher, tmp_path / "fake.parquet", out), "cannot read", "as a Parquet file", out=out)
+    (tmp_path / "empty.txt").write_text("")
+    _fails(capsys, _base(root, teacher, tmp_path / "empty.txt", out) + ["--tokenizer", _tokenizer(tmp_path)],
+           "empty (0 tokens)", out=out)
+    _fails(capsys, _base(root, teacher, out=out) + ["--max-sequences", "0"], "--max-sequences must be positive",
+           out=out)
+    _fails(capsys, _base(root, teacher, out=out) + ["--rank", "2", "--world-size", "2"], "--rank 2 must be in",
+           out=out)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    _fails(capsys, _base(root, teacher, out=a_file / "cache"), "cannot create the build lock", out=a_file / "cache")
+    assert a_file.read_text() == "x"
+
+
+def _tokenizer(tmp_path: Path) -> Path:
+    from tests.teachers import train_tokenizer
+
+    return train_tokenizer(tmp_path / "tok", vocab_size=V, max_chars=20_000)

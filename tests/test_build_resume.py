@@ -16,6 +16,7 @@ import pytest
 from cache_server import format as fmt
 from cache_server.cli import main
 from cache_server.build.writer import STATE_DIR
+from cache_server.format.build_lock import build_lock_holder
 from tests.teachers import make_llama_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +67,8 @@ def test_sigkill_then_resume_is_bitwise_identical(setup):
     assert 1 <= done < num_shards, f"kill landed after {done}/{num_shards} shards"
     print(f"SIGKILL after {done}/{num_shards} journaled shards")
     assert not (out / fmt.MANIFEST_NAME).exists()
+    assert (out / STATE_DIR / "lock.rank0").exists()  # the killed build's lock file stays behind...
+    assert build_lock_holder(out) is None  # ...but the kernel released its lock: the rerun may take it
     with pytest.raises(fmt.CacheError, match="rerun the same"):
         fmt.load_manifest(out)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cache_server import format as fmt
-from cache_server.build.job import _chunk_plan, _grouped_topk, _topk_group_size, compute_targets, workspace_numel
+from cache_server.build.targets import _chunk_plan, _grouped_topk, _topk_group_size, compute_targets, workspace_numel
 from tests.teachers import reference_targets
 
 TEMPS = (0.5, 3.0)

@@ -71,12 +71,14 @@ def test_text_and_jsonl_with_tokenizer(tmp_path, tokenizer_dir):
     (tmp_path / "a.txt").write_text(docs[0])
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": d, "id": i}) for i, d in enumerate(docs)) + "\n")
     txt = open_token_data(tmp_path / "a.txt", T, tokenizer=tok)
-    expected = np.asarray(tok.tokenizer.encode(docs[0], add_special_tokens=False).ids + [tok.eos_id])
-    # .txt is encoded in blocks of 1000 lines; short files are one block, identical to a whole-file encode.
+    # The whole .txt file is one document: exactly its encoding, no EOS (EOS only stands between documents).
+    expected = np.asarray(tok.tokenizer.encode(docs[0], add_special_tokens=False).ids)
     np.testing.assert_array_equal(np.asarray(txt.sequences).ravel(), expected[: len(expected) // T * T])
+    assert txt.tokens_total == len(expected) and txt.documents == 1
     jsonl = open_token_data(tmp_path / "a.jsonl", T, tokenizer=tok)
-    assert jsonl.tokens_total == sum(len(tok.tokenizer.encode(d).ids) + 1 for d in docs)
+    assert jsonl.tokens_total == sum(len(tok.tokenizer.encode(d).ids) for d in docs) + len(docs) - 1
     assert tok.eos_id is not None and (np.asarray(jsonl.sequences) == tok.eos_id).sum() >= 1
+    assert jsonl.documents == len(docs) and jsonl.manifest_entry()["documents"] == len(docs)
     with pytest.raises(DataError, match="--tokenizer"):
         open_token_data(tmp_path / "a.txt", T)
 

@@ -92,7 +92,7 @@ def test_unknown_version_is_refused(tmp_path):
 def test_missing_manifest_explains_unfinished_build(tmp_path):
     out, _ = make_synthetic_cache(tmp_path / "c")
     (out / fmt.MANIFEST_NAME).unlink()
-    with pytest.raises(fmt.CacheError, match="has not finished"):
+    with pytest.raises(fmt.CacheError, match="unfinished build: rerun the same kdcache build command to resume"):
         fmt.load_manifest(out)
     with pytest.raises(fmt.CacheError, match="does not exist"):
         fmt.load_manifest(tmp_path / "nope")
@@ -109,6 +109,7 @@ def test_missing_manifest_explains_unfinished_build(tmp_path):
         (dict(seq_len=0), "seq_len must be a positive integer"),
         (dict(temperatures=(1.0,)), "temperature 1 is always stored"),
         (dict(temperatures=(-2.0,)), "positive finite"),
+        (dict(temperatures=(2.0, 2.0000001)), "both store as array 'lse_t2'"),
         (dict(codec="lzma"), "unknown codec"),
     ],
 )
@@ -216,3 +217,200 @@ def test_resume_rewrites_a_damaged_unjournaled_short_last_shard(tmp_path):
     for spec in layout.arrays():
         np.testing.assert_array_equal(group[spec.name][:], arrays[spec.name])
     assert not list((tmp_path / "c").rglob("*.partial"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validate_manifest: every field a reader, the server and verify index into is checked, with a clear error
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _set(path: str | tuple[str, ...], value):
+    """A mutation setting manifest[path] (dotted, with list indices) to value; DELETE removes the key."""
+    def mutate(manifest):
+        *parents, last = path.split(".") if isinstance(path, str) else path
+        node = manifest
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        key = int(last) if isinstance(node, list) else last
+        if value is _DELETE:
+            del node[key]
+        else:
+            node[key] = value
+    return mutate
+
+
+_DELETE = object()
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest_raw(tmp_path_factory) -> bytes:
+    out, _ = make_synthetic_cache(
+        tmp_path_factory.mktemp("tiny") / "c", num_sequences=5, seq_len=3, topk=2, vocab_size=11,
+        temperatures=(2.0,), shard_seqs=4, chunk_seqs=2, seed=7, codec="none",
+    )
+    return (out / fmt.MANIFEST_NAME).read_bytes()
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (_set("format", "zarr"), "not a kdcache manifest"),
+        (_set("format_version", True), "format_version True.*reads only version 1"),
+        (_set("format_version", "1"), "format_version '1'"),
+        (_set("seq_len", _DELETE), "lacks the required field 'seq_len'"),
+        (_set("num_shards", _DELETE), "lacks the required field 'num_shards'"),
+        (_set("shards", _DELETE), "lacks the required field 'shards'"),
+        (_set("topk", 2.0), "'topk' must be a positive integer, got 2.0"),
+        (_set("num_sequences", 0), "'num_sequences' must be a positive integer"),
+        (_set("chunk_seqs", False), "'chunk_seqs' must be a positive integer, got False"),
+        (_set("codec", "lzma"), "codec 'lzma' is not one of"),
+        (_set("codec", 5), "'codec' must be a string"),
+        (_set("teacher", "llama"), "'teacher' must be an object"),
+        (_set("stats.bytes_per_token", "many"), "stats field 'bytes_per_token' must be a number"),
+        (_set("temperatures", "2"), "'temperatures' must be a list of numbers"),
+        (_set("temperatures", [2.0, 2.0]), "both store as array 'lse_t2'"),
+        (_set("temperatures", [1.0]), "temperature 1 is always stored"),
+        (_set("topk", 12), "larger than the teacher vocabulary"),
+        (_set("num_shards", 3), "num_shards is 3, but 5 sequences in shards of 4 make 2"),
+        (_set("arrays", []), "'arrays' must be an object"),
+        (_set(("arrays", "../../etc"), {"shape": [5], "dtype": "uint8"}), "array named '../../etc'"),
+        (_set("arrays.lse_t2", _DELETE), "its arrays .* are not the ones its layout implies"),
+        (_set("arrays.topk_logprobs", _DELETE), "lacks 'topk_logprobs'"),
+        (_set("arrays.lse.shape", [5, 4]), "array 'lse' is recorded as .* but the layout implies"),
+        (_set("arrays.topk_ids.dtype", "uint32"), "array 'topk_ids' is recorded as"),
+        (_set("arrays.topk_ids.shape", "5,3,2"), "array 'topk_ids' must be"),
+        (_set("layout.seq_len", 4), r"layout.seq_len is 4, but the top-level fields say 3"),
+        (_set("shards", []), "'shards' must be an object"),
+        (_set("shards.lse", _DELETE), "shard table covers arrays"),
+        (_set("shards.lse", [{"sha256": "0" * 64, "nbytes": 1}]), "array 'lse' lists 1 shards, expected 2"),
+        (_set("shards.lse", {"0": 1}), "array 'lse' lists dict shards"),
+        (_set("shards.lse.1.sha256", "ABC"), "array 'lse' shard 1 must be .*sha256"),
+        (_set("shards.lse.1.sha256", "F" * 64), "array 'lse' shard 1 must be"),
+        (_set("shards.lse.0.nbytes", -1), "array 'lse' shard 0 must be"),
+        (_set("shards.lse.0.nbytes", "84"), "array 'lse' shard 0 must be"),
+        (_set("shards.lse.0", None), "array 'lse' shard 0 must be"),
+    ],
+)
+def test_validate_manifest_refuses_malformed_manifests(tiny_manifest_raw, tmp_path, mutate, match):
+    manifest = json.loads(tiny_manifest_raw)
+    out = tmp_path / "c"  # the manifest alone: loading it reads no shard
+    out.mkdir()
+    assert fmt.validate_manifest(manifest, "tiny") == fmt.layout_from_manifest(manifest)
+    mutate(manifest)
+    raw = fmt.manifest_bytes(manifest)
+    with pytest.raises(fmt.CacheError, match=match):
+        fmt.validate_manifest(json.loads(raw), "tiny")
+    (out / fmt.MANIFEST_NAME).write_bytes(raw)
+    with pytest.raises(fmt.CacheError, match=match) as info:  # every reader goes through parse_manifest
+        fmt.load_manifest(out)
+    assert str(out / fmt.MANIFEST_NAME) in str(info.value)
+
+
+def test_validate_manifest_allows_unknown_extra_fields(tiny_manifest_raw):
+    manifest = json.loads(tiny_manifest_raw)
+    manifest["build_command"] = ["kdcache", "build", "--topk", "2"]
+    manifest["notes"] = {"anything": [1, 2]}
+    fmt.validate_manifest(manifest)
+
+
+def test_damaged_manifest_json_is_a_cache_error(tmp_path, monkeypatch):
+    out = _tiny_cache(tmp_path, monkeypatch)
+    raw = (out / fmt.MANIFEST_NAME).read_bytes()
+    (out / fmt.MANIFEST_NAME).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(fmt.CacheError, match="is not valid JSON"):
+        fmt.load_manifest(out)
+    (out / fmt.MANIFEST_NAME).write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(fmt.CacheError, match="is not valid JSON"):
+        fmt.load_manifest(out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors carry structured fields and name the working repair path
+# ----------------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_shard_error_fields_message_and_pickle():
+    import pickle
+
+    exc = fmt.CorruptShardError("topk_ids", 3, "shard index checksum mismatch", where="/data/c/topk_ids/c/3/0/0")
+    assert (exc.array, exc.shard_index, exc.reason, exc.path) == (
+        "topk_ids", 3, "shard index checksum mismatch", "/data/c/topk_ids/c/3/0/0")
+    text = str(exc)
+    assert "array 'topk_ids' shard 3 (/data/c/topk_ids/c/3/0/0): shard index checksum mismatch" in text
+    assert "rerun the same `kdcache build` command you built the cache with (`kdcache info DIR` prints its " \
+           "arguments): it re-verifies every shard against the manifest and rebuilds only the damaged or " \
+           "missing ones" in text
+    assert "delet" not in text
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is fmt.CorruptShardError and str(again) == text and again.reason == exc.reason
+
+
+def test_decoder_and_checksum_errors_are_structured(tmp_path, monkeypatch):
+    out = _tiny_cache(tmp_path, monkeypatch)
+    manifest = fmt.load_manifest(out)
+    layout = fmt.layout_from_manifest(manifest)
+    spec = next(s for s in layout.arrays() if s.name == "lse")
+    path = out / fmt.shard_relpath("lse", 1, 2)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    with pytest.raises(fmt.CorruptShardError) as info:
+        fmt.verify_shard_bytes(bytes(raw), manifest["shards"]["lse"][1], "lse", 1, where=str(path))
+    assert (info.value.array, info.value.shard_index, info.value.path) == ("lse", 1, str(path))
+    assert info.value.reason.startswith("sha256 ")
+    with pytest.raises(fmt.CorruptShardError, match="index checksum mismatch") as info:
+        fmt.decode_shard(bytes(raw), spec, layout, 1)
+    assert info.value.reason == "shard index checksum mismatch"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A directory without a manifest: a running build (its lock is held) vs an unfinished one (rerun to resume)
+# ----------------------------------------------------------------------------------------------------------
+
+_HOLD_LOCK = (
+    "import sys, time\n"
+    "from cache_server.format.build_lock import acquire_build_lock\n"
+    "lock = acquire_build_lock(sys.argv[1], rank=0, world_size=1)\n"
+    "print('locked', flush=True)\n"
+    "time.sleep(120)\n"
+)
+
+
+def test_missing_manifest_names_a_running_build_and_after_sigkill_says_resume(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out, _ = make_synthetic_cache(tmp_path / "c")
+    (out / fmt.MANIFEST_NAME).unlink()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(fmt.CacheError, match="a `kdcache build` is running on it") as info:
+            fmt.load_manifest(out)
+        assert f"pid {holder.pid}" in str(info.value) and "wait for that build to finish" in str(info.value)
+        assert "rerun" not in str(info.value)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL
+    # The kernel dropped the lock with the process: the same directory is now an unfinished build.
+    with pytest.raises(fmt.CacheError, match="unfinished build: rerun the same kdcache build command to resume"):
+        fmt.load_manifest(out)
+    with pytest.raises(fmt.CacheError, match="not a kdcache cache"):
+        fmt.load_manifest(tmp_path)
+
+
+def test_format_package_imports_nothing_else_of_ours_and_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from cache_server import format as fmt\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'kdlib', 'triton_kernels')\n"
+        "             or (m.startswith('cache_server.') and not m.startswith('cache_server.format')))\n"
+        "print(bad)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    assert sorted(fmt.__all__) == sorted(set(fmt.__all__)) and all(hasattr(fmt, name) for name in fmt.__all__)

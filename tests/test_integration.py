@@ -82,6 +82,62 @@ def test_distill_loss_raises_on_misaligned_tokens_and_vocab(small_cache):
                                direct.detach(), rtol=1e-4, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------------------------- kd_step_loss
+
+
+def _tiny_llama(vocab_size: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("student", ["llama", "plain"])
+def test_kd_step_loss_feeds_the_student_the_batch_s_own_tokens(small_cache, student):
+    from kdlib.losses import kd_loss_from_batch
+    from tests.teachers import TinyLM
+
+    cache, _ = small_cache
+    model = _tiny_llama(cache.vocab_size) if student == "llama" else TinyLM(cache.vocab_size)
+    # 24 sequences, drop_last=False over 5 ranks x 4: rank 4's last batch is a padding row (labels ignored).
+    batches = list(kdlib.make_loader(cache, 4, rank=4, world_size=5, seed=1, drop_last=False))
+    for batch in (batches[0], batches[-1]):
+        loss, logits = kdlib.kd_step_loss(model, batch, ce_weight=0.3, temperature=2.0)
+        out = model(batch["input_ids"].long())
+        expected_logits = out.logits if student == "llama" else out  # [B, T, V]
+        torch.testing.assert_close(logits, expected_logits)
+        torch.testing.assert_close(loss, kd_loss_from_batch(expected_logits, batch, ce_weight=0.3, temperature=2.0))
+        loss.backward()
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+        model.zero_grad()
+    assert batches[-1]["sample_indices"].tolist() == [-1]  # the padding row was the case above
+    # A batch straight from the cache (no labels): labels are the tokens shifted per the cache convention.
+    raw = cache.read(0, 2)
+    loss, logits = kdlib.kd_step_loss(model, raw, ce_weight=1.0, kd_weight=0.0)
+    next_tokens = raw["input_ids"][:, 1:].long().flatten()
+    reference = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), next_tokens)
+    torch.testing.assert_close(loss, reference)
+
+
+def test_kd_step_loss_refuses_what_it_cannot_align(small_cache):
+    from tests.teachers import TinyLM
+
+    cache, _ = small_cache
+    batch = next(iter(kdlib.make_loader(cache, 2)))
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary 128 but the cache's teacher has 96"):
+        kdlib.kd_step_loss(TinyLM(128), batch)
+    loss, _ = kdlib.kd_step_loss(TinyLM(128), batch, allow_padded_vocab=True)  # asked for: passes
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="takes the labels from the batch"):
+        kdlib.kd_step_loss(TinyLM(96), batch, labels=batch["labels"])
+    with pytest.raises(ValueError, match="logits of shape"):
+        kdlib.kd_step_loss(lambda ids: torch.zeros(ids.shape[0], 96), batch)
+    with pytest.raises(TypeError, match="has no logits"):
+        kdlib.kd_step_loss(lambda ids: {"hidden": ids}, batch)
+
+
 def _trainer(reader, train_dataset, tmp_path, **kw):
     from transformers import TrainingArguments
 
@@ -121,6 +177,21 @@ def test_kd_trainer_padded_student_vocab_needs_the_option(small_cache, tmp_path)
     inputs = trainer._prepare_inputs(batch)
     assert inputs["teacher_vocab_size"].device.type == "cpu"  # read by the check without a device sync
     assert torch.isfinite(trainer.compute_loss(trainer.model, inputs))
+
+
+def test_kd_trainer_lookup_assembles_the_loader_s_batch(small_cache, tmp_path):
+    from kdlib.batch import move_batch, read_batch
+
+    cache, arrays = small_cache
+    trainer = _trainer(cache, kdlib.CacheDataset(cache), tmp_path, cache=cache)
+    idx = [9, 2, 2, 14]
+    inputs = {"input_ids": torch.from_numpy(arrays["input_ids"][idx]).long(), "sample_indices": torch.tensor(idx)}
+    student, teacher, compare_tokens = trainer._teacher_batch(inputs, torch.device("cpu"))
+    assert compare_tokens and set(student) == {"input_ids"}
+    expected = move_batch(read_batch(cache, idx), "cpu")
+    assert set(teacher) == set(expected)
+    for key, value in expected.items():
+        assert teacher[key].dtype == value.dtype and torch.equal(teacher[key], value), key
 
 
 class _IndexedTokens(torch.utils.data.Dataset):
@@ -176,7 +247,7 @@ def test_loader_over_a_remote_cache_covers_one_epoch(small_cache, served_cache, 
     import numpy as np
 
     _, arrays = small_cache
-    remote = kdlib.open_cache(served_cache, shard_cache_dir=tmp_path / "shards")
+    remote = kdlib.open_cache(served_cache, decode_dir=tmp_path / "shards")
     assert type(remote).__name__ == "RemoteCache"
     loader = kdlib.make_loader(remote, 5, seed=3, num_workers=num_workers, drop_last=False)
     seen = []

@@ -16,7 +16,7 @@ import torch
 import kdlib
 from cache_server import format as fmt
 from cache_server.format import CorruptShardError
-from kdlib.loader import RankPlan, _CacheRef, epoch_order
+from kdlib.order import epoch_order
 from tests.cachefactory import make_synthetic_cache
 
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
@@ -103,18 +103,6 @@ def test_batches_carry_cache_data_and_shifted_labels(cache_and_arrays):
         assert torch.equal(batch["labels"][:, :-1], batch["input_ids"][:, 1:].long())
         assert (batch["labels"][:, -1] == -100).all()
         assert int(batch["teacher_vocab_size"]) == V
-
-
-def test_order_is_deterministic_shard_local_and_differs_per_epoch():
-    a = epoch_order(1000, 10, shuffle=True, seed=7, epoch=0, shuffle_window_shards=3)
-    assert np.array_equal(a, epoch_order(1000, 10, shuffle=True, seed=7, epoch=0, shuffle_window_shards=3))
-    assert sorted(a.tolist()) == list(range(1000))
-    assert not np.array_equal(a, epoch_order(1000, 10, shuffle=True, seed=7, epoch=1, shuffle_window_shards=3))
-    assert not np.array_equal(a, epoch_order(1000, 10, shuffle=True, seed=8, epoch=0, shuffle_window_shards=3))
-    # Every run of 30 positions (one window of 3 shards) comes from exactly 3 shards.
-    for w in range(0, 990, 30):
-        assert len(set((a[w:w + 30] // 10).tolist())) == 3
-    assert np.array_equal(epoch_order(50, 10, shuffle=False, seed=7, epoch=3), np.arange(50))
 
 
 def test_unshuffled_loader_reads_in_order(cache_and_arrays):
@@ -207,13 +195,6 @@ def test_bad_arguments_and_states_raise(cache_and_arrays, tmp_path):
         loader.load_state_dict({**state, "version": 99})
 
 
-def test_rank_plan_arithmetic():
-    plan = RankPlan(remaining=23, batch_size=3, world_size=2, rank=1, drop_last=False)
-    assert plan.num_batches == 4 and plan.batch_range(0) == (3, 6) and plan.batch_range(3) == (21, 23)
-    assert plan.consumed_after(0) == 6 and plan.consumed_after(3) == 23
-    assert RankPlan(23, 3, 2, 1, True).num_batches == 3
-
-
 # ----------------------------------------------------------------------------------------------- shard prefetch
 
 
@@ -281,6 +262,38 @@ def test_pin_memory_without_cuda_warns_and_still_reads(cache_and_arrays, prefetc
     assert sorted(_indices(loader)) == list(range(N))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", "cuda:3", torch.device("cuda")])
+def test_unavailable_cuda_device_fails_at_construction(cache_and_arrays, device):
+    cache, _ = cache_and_arrays
+    with pytest.raises(ValueError, match=r"CUDA is not available in this process.*device=None"):
+        kdlib.make_loader(cache, 4, device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to have a device count")
+def test_cuda_index_beyond_the_visible_devices_fails_at_construction(cache_and_arrays, monkeypatch):
+    cache, _ = cache_and_arrays
+    count = torch.cuda.device_count()
+    with pytest.raises(ValueError, match=rf"only {count} cuda device\(s\) are visible"):
+        kdlib.make_loader(cache, 4, device=f"cuda:{count}")
+    monkeypatch.setenv("LOCAL_RANK", str(count))  # device="cuda" means cuda:$LOCAL_RANK
+    with pytest.raises(ValueError, match="LOCAL_RANK"):
+        kdlib.make_loader(cache, 4, device="cuda")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    batch = next(iter(kdlib.make_loader(cache, 4, device="cuda")))
+    assert batch["input_ids"].device == torch.device("cuda", 0) and batch["sample_indices"].device.type == "cpu"
+
+
+def test_other_unavailable_or_unknown_devices_fail_at_construction(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    if not torch.backends.mps.is_available():
+        with pytest.raises(ValueError, match=r"MPS is not available in this process"):
+            kdlib.make_loader(cache, 4, device="mps")
+    with pytest.raises(ValueError, match="is not a torch device"):
+        kdlib.make_loader(cache, 4, device="gpu0")
+    assert kdlib.make_loader(cache, 4, device="cpu").device == torch.device("cpu")
+
+
 def test_negative_and_64_bit_seeds(cache_and_arrays):
     cache, _ = cache_and_arrays
     order = epoch_order(100, 10, shuffle=True, seed=-1, epoch=0)
@@ -331,9 +344,9 @@ def test_state_identifies_the_cache(cache_and_arrays, tmp_path):
         same.load_state_dict(legacy)
 
 
-def test_spawn_spec_keeps_size_limit_and_prefetch_workers(tmp_path):
+def test_spawned_worker_cache_keeps_size_limit_and_prefetch_workers(tmp_path):
     cache, _ = _fresh_cache(tmp_path, max_decoded_bytes=1 << 20, prefetch_workers=3, readahead=2)
-    reopened = pickle.loads(pickle.dumps(_CacheRef(cache))).get()  # what a spawned worker does
+    reopened = pickle.loads(pickle.dumps(cache))  # what a spawned worker does with the loader's cache
     assert reopened is not cache
     assert reopened.store.max_bytes == 1 << 20 and reopened.store.prefetch_workers == 3
     assert reopened.decode_dir == cache.decode_dir and reopened.readahead == 2

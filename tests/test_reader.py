@@ -61,7 +61,7 @@ def test_widen_and_lookup(cache_and_arrays):
         cache.read(5, 30)
 
 
-def test_uint32_ids_are_int32_zero_copy(tmp_path):
+def test_uint32_ids_read_as_int32(tmp_path):
     out, arrays = make_synthetic_cache(tmp_path / "c", num_sequences=6, seq_len=5, topk=3, vocab_size=70000,
                                        shard_seqs=8, chunk_seqs=2)
     cache = kdlib.open_cache(out, decode_dir=tmp_path / "d")
@@ -70,7 +70,7 @@ def test_uint32_ids_are_int32_zero_copy(tmp_path):
     np.testing.assert_array_equal(batch["topk_ids"].numpy().astype(np.int64), arrays["topk_ids"][1:4])
 
 
-def test_each_shard_is_decoded_once_and_batches_are_views(cache_and_arrays):
+def test_each_shard_is_decoded_once_and_batches_own_their_memory(cache_and_arrays):
     out, _, decode_dir = cache_and_arrays
     cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
     cache.read(0, 4)
@@ -81,12 +81,13 @@ def test_each_shard_is_decoded_once_and_batches_are_views(cache_and_arrays):
     again = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(1, 3)["topk_logprobs"]
     assert {p: p.stat().st_mtime_ns for p in cache.decode_dir.rglob("*.npy")} == mtimes
     torch.testing.assert_close(first, again)
-    # Within one shard a batch is a view of the decoded map: two reads share storage.
+    # Even within one shard a batch is a copy, not a view of the decoded map: two reads never share storage...
     a = cache.read(0, 8)["topk_logprobs"]
     b = cache.read(0, 8)["topk_logprobs"]
-    assert a.data_ptr() == b.data_ptr()
-    # ...and writing into a batch never reaches the decoded file (copy-on-write mapping).
+    assert a.data_ptr() != b.data_ptr()
+    # ...so writing into a batch reaches neither later reads nor the decoded file.
     a.fill_(0.0)
+    assert bool((cache.read(0, 8)["topk_logprobs"] != 0).any())
     fresh = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(0, 8)["topk_logprobs"]
     assert bool((fresh != 0).any())
 
@@ -183,3 +184,111 @@ def test_stale_tmp_files_are_removed_fresh_ones_kept(cache_and_arrays):
     os.utime(stale, (old, old))
     cache.read(0, 2)
     assert not stale.exists() and fresh.exists()
+
+
+@pytest.mark.parametrize("widen", [False, True])
+def test_in_place_edits_of_a_batch_never_reach_later_reads(cache_and_arrays, widen):
+    out, arrays, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0, widen=widen)
+    everything = list(cache.store.specs)
+    reads = {"one shard": lambda: cache.read(0, 8, arrays=everything),
+             "two shards": lambda: cache.read(5, 21, arrays=everything),
+             "lookup, one shard": lambda: cache.lookup([3, 1, 2], arrays=everything),
+             "lookup, three shards": lambda: cache.lookup([20, 0, 9, 9], arrays=everything)}
+    rows = {"one shard": np.arange(0, 8), "two shards": np.arange(5, 21), "lookup, one shard": [3, 1, 2],
+            "lookup, three shards": [20, 0, 9, 9]}
+    for read in reads.values():  # edit every array of every kind of batch in place
+        for tensor in read().values():
+            tensor.mul_(3).add_(1)
+    for what, read in reads.items():
+        for name, tensor in read().items():
+            np.testing.assert_array_equal(_as_np(tensor, arrays[name]), arrays[name][rows[what]],
+                                          err_msg=f"{name}, {what}")
+
+
+def test_prefetch_shards_decodes_in_background_and_defers_errors(cache_and_arrays):
+    out, arrays, decode_dir = cache_and_arrays
+    _flip_byte(out / fmt.shard_relpath("lse", 2, 2))
+    with kdlib.open_cache(out, decode_dir=decode_dir, readahead=0) as cache:
+        cache.prefetch_shards([0, 1, 2], arrays=["lse", "topk_ids"])  # shard 2 of lse is corrupt: no raise here
+        cache.prefetch_shards(np.array([1]))  # numpy ints, default arrays, already under way
+        cache.store.wait_prefetch()
+        assert cache.store.is_decoded("lse", 1) and cache.store.is_decoded("topk_ids", 2)
+        assert cache.store.is_decoded("input_ids", 1) and not cache.store.is_decoded("input_ids", 0)
+        assert not cache.store.is_decoded("lse", 2)
+        with pytest.raises(fmt.CorruptShardError, match="'lse' shard 2"):
+            cache.read(16, 18, arrays=["lse"])
+        with pytest.raises(IndexError, match="shard 3"):
+            cache.prefetch_shards([3])
+        with pytest.raises(KeyError, match="unknown arrays"):
+            cache.prefetch_shards([0], arrays=["logits"])
+        with pytest.raises(TypeError, match="list of array names"):
+            cache.prefetch_shards([0], arrays="lse")
+
+
+def _report_reopened_cache(cache, queue):
+    try:
+        queue.put({"decode_dir": str(cache.decode_dir), "max_decoded_bytes": cache.max_decoded_bytes,
+                   "prefetch_workers": cache.prefetch_workers, "widen": cache.widen, "readahead": cache.readahead,
+                   "batch": {k: v.numpy() for k, v in cache.read(3, 12).items()}})
+    except BaseException as exc:  # report to the parent instead of dying silently
+        queue.put(repr(exc))
+
+
+def run_in_spawned_process(cache, report=_report_reopened_cache) -> dict:
+    """What ``report(cache, queue)`` put in the queue, run in a spawned process (the cache travels pickled)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=report, args=(cache, queue))
+    process.start()
+    result = queue.get(timeout=120)
+    process.join(30)
+    assert isinstance(result, dict), result
+    return result
+
+
+def test_pickled_cache_reopens_with_the_same_options_in_a_spawned_process(cache_and_arrays):
+    out, arrays, decode_dir = cache_and_arrays
+    cache = kdlib.open_cache(out, decode_dir=decode_dir, widen=True, readahead=3, max_decoded_bytes=1 << 20,
+                             prefetch_workers=3)
+    cache.read(0, 4)  # live maps and threads in this process: they must not travel
+    result = run_in_spawned_process(cache)
+    assert result.pop("batch").keys() == cache.read(3, 12).keys()
+    assert result == {"decode_dir": str(cache.decode_dir), "max_decoded_bytes": 1 << 20, "prefetch_workers": 3,
+                      "widen": True, "readahead": 3}
+    for name, value in run_in_spawned_process(cache)["batch"].items():
+        np.testing.assert_array_equal(value, cache.read(3, 12)[name].numpy(), err_msg=name)
+
+
+def test_old_option_names_warn_and_still_work(cache_and_arrays):
+    out, _, decode_dir = cache_and_arrays
+    with pytest.warns(DeprecationWarning, match="shard_cache_dir.*decode_dir"):
+        old = kdlib.open_cache(out, shard_cache_dir=decode_dir)
+    assert old.decode_root == decode_dir and old.decode_dir == kdlib.open_cache(out, decode_dir=decode_dir).decode_dir
+    with pytest.warns(DeprecationWarning, match="shard_cache_bytes.*max_decoded_bytes"):
+        assert kdlib.LocalCache(out, decode_dir=decode_dir, shard_cache_bytes=1 << 20).max_decoded_bytes == 1 << 20
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match="pass only decode_dir"):
+        kdlib.open_cache(out, decode_dir=decode_dir, shard_cache_dir=decode_dir / "elsewhere")
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['decode_root'\\]"):
+        kdlib.open_cache(out, decode_root=decode_dir)
+
+
+def test_missing_manifest_error_comes_from_the_format_module(tmp_path):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(fmt.CacheError) as from_format:
+        fmt.load_manifest(tmp_path / "half")
+    with pytest.raises(fmt.CacheError) as from_reader:
+        kdlib.open_cache(tmp_path / "half", decode_dir=tmp_path / "d")
+    assert str(from_reader.value) == str(from_format.value)
+
+
+def test_local_cache_modules_never_import_the_remote_ones():
+    import subprocess
+    import sys
+
+    code = ("import sys, kdlib.data.cache, kdlib.data.store, kdlib.data.sources; "
+            "print(sorted(m for m in sys.modules if m in ('kdlib.data.remote', 'httpx', 'kdlib.data.open')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -15,6 +15,7 @@ from kdlib.data.cache import LocalCache
 from kdlib.data.remote import RemoteCache, RemoteError
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import ServerProcess
+from tests.test_reader import run_in_spawned_process
 
 TOKEN = "remote-test-token"
 
@@ -41,7 +42,7 @@ def world(tmp_path_factory):
 
 def remote(world, name="teacher", sub="dec", **kwargs):
     kwargs.setdefault("token", TOKEN)
-    return RemoteCache(world["server"].cache_url(name), shard_cache_dir=world["root"] / sub, **kwargs)
+    return RemoteCache(world["server"].cache_url(name), decode_dir=world["root"] / sub, **kwargs)
 
 
 def assert_batches_equal(got, want):
@@ -80,7 +81,7 @@ def test_parity_with_written_arrays_including_temperatures(world):
 
 def test_open_cache_dispatch_and_env_token(world, monkeypatch):
     monkeypatch.setenv("KDCACHE_TOKEN", TOKEN)
-    cache = kdlib.open_cache(world["server"].cache_url("teacher"), shard_cache_dir=world["root"] / "env")
+    cache = kdlib.open_cache(world["server"].cache_url("teacher"), decode_dir=world["root"] / "env")
     assert isinstance(cache, RemoteCache)
     assert cache.read(0, 2)["topk_ids"].shape == (2, 12, 5)
 
@@ -90,7 +91,7 @@ def test_bad_token_is_a_clear_error(world, monkeypatch, token):
     monkeypatch.delenv("KDCACHE_TOKEN", raising=False)
     with pytest.raises(RemoteError, match="refused the token.*KDCACHE_TOKEN"):
         remote(world, token=token, max_retries=0) if token else RemoteCache(
-            world["server"].cache_url("teacher"), shard_cache_dir=world["root"] / "none")
+            world["server"].cache_url("teacher"), decode_dir=world["root"] / "none")
 
 
 def test_unknown_cache_and_bad_url(world):
@@ -105,14 +106,14 @@ def test_unreachable_server_gives_up_with_context(world):
 
     with pytest.raises(RemoteError, match="after 3 attempts.*kdcache serve"):
         RemoteCache(f"http://127.0.0.1:{free_port()}/v1/caches/teacher", token=TOKEN, max_retries=2,
-                    backoff_s=0.01, shard_cache_dir=world["root"] / "unreach")
+                    backoff_s=0.01, decode_dir=world["root"] / "unreach")
 
 
 def test_lru_size_limit(world, tmp_path):
     local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
-    decoded_shard_bytes = 6 * 12 * 5 * 2 + 128  # topk_ids: S*T*K*2 bytes + .npy header
+    decoded_shard_bytes = 6 * 12 * 5 * 2 + 128 + 12  # topk_ids: S*T*K*2 bytes + .npy header + crc32c trailer
     limit = 3 * decoded_shard_bytes
-    with remote(world, sub="lru", shard_cache_bytes=limit, readahead=0) as cache:
+    with remote(world, sub="lru", max_decoded_bytes=limit, readahead=0) as cache:
         for _ in range(2):
             for start in range(0, cache.num_sequences, 5):
                 stop = min(start + 5, cache.num_sequences)
@@ -135,6 +136,66 @@ def test_pickle_roundtrip(world):
         cache.read(0, 3)
         clone = pickle.loads(pickle.dumps(cache))
         assert_batches_equal(clone.read(20, 27), cache.read(20, 27))
+
+
+def test_in_place_edits_of_remote_batches_never_reach_later_reads(world):
+    everything = list(world["arrays"])
+    with remote(world, sub="alias", readahead=0) as cache:
+        reads = {"one shard": (lambda: cache.read(0, 6, arrays=everything), np.arange(0, 6)),
+                 "three shards": (lambda: cache.read(4, 17, arrays=everything), np.arange(4, 17)),
+                 "lookup": (lambda: cache.lookup([26, 0, 7, 7], arrays=everything), [26, 0, 7, 7])}
+        for read, _ in reads.values():
+            for tensor in read().values():
+                tensor.mul_(3).add_(1)
+        for what, (read, rows) in reads.items():
+            for name, tensor in read().items():
+                expected = world["arrays"][name][rows]
+                np.testing.assert_array_equal(tensor.numpy().astype(expected.dtype), expected,
+                                              err_msg=f"{name}, {what}")
+
+
+def test_decoded_size_limit_default_and_old_option_names(world):
+    from kdlib.data.remote import DEFAULT_MAX_DECODED_BYTES
+
+    with remote(world, sub="names") as cache:
+        assert cache.max_decoded_bytes == DEFAULT_MAX_DECODED_BYTES == 20 << 30
+        assert cache.decode_root == world["root"] / "names"
+    url = world["server"].cache_url("teacher")
+    with pytest.warns(DeprecationWarning, match="shard_cache_dir"):
+        old = RemoteCache(url, token=TOKEN, shard_cache_dir=world["root"] / "names")
+    assert old.decode_dir == cache.decode_dir and old.max_decoded_bytes == DEFAULT_MAX_DECODED_BYTES
+    with pytest.warns(DeprecationWarning, match="shard_cache_bytes"):
+        unlimited = kdlib.open_cache(url, token=TOKEN, decode_dir=world["root"] / "names", shard_cache_bytes=None)
+    assert unlimited.max_decoded_bytes is None
+
+
+def _report_reopened_remote(cache, queue):
+    try:
+        source = cache.source
+        queue.put({"url": cache.url, "token": source.token, "timeout_s": source.timeout.read,
+                   "connect_timeout_s": source.timeout.connect, "max_retries": source.max_retries,
+                   "piece_bytes": source.piece_bytes, "max_decoded_bytes": cache.max_decoded_bytes,
+                   "decode_dir": str(cache.decode_dir), "prefetch_workers": cache.prefetch_workers,
+                   "readahead": cache.readahead, "widen": cache.widen,
+                   "batch": {k: v.numpy() for k, v in cache.read(5, 20).items()}})
+    except BaseException as exc:  # report to the parent instead of dying silently
+        queue.put(repr(exc))
+
+
+def test_spawned_process_reopens_the_remote_cache_with_its_options(world, monkeypatch):
+    monkeypatch.delenv("KDCACHE_TOKEN", raising=False)  # the child must get the token from the pickle
+    with remote(world, sub="spawn", timeout_s=17.0, connect_timeout_s=3.0, max_retries=4, piece_bytes=4096,
+                max_decoded_bytes=1 << 22, prefetch_workers=3, readahead=1, widen=True) as cache:
+        cache.read(0, 6)  # a live client, maps and prefetch threads in this process: they must not travel
+        result = run_in_spawned_process(cache, _report_reopened_remote)
+        batch = result.pop("batch")
+        assert result == {"url": cache.url, "token": TOKEN, "timeout_s": 17.0, "connect_timeout_s": 3.0,
+                          "max_retries": 4, "piece_bytes": 4096, "max_decoded_bytes": 1 << 22,
+                          "decode_dir": str(cache.decode_dir), "prefetch_workers": 3, "readahead": 1, "widen": True}
+        expected = cache.read(5, 20)
+        assert batch.keys() == expected.keys()
+        for name, value in batch.items():
+            np.testing.assert_array_equal(value, expected[name].numpy(), err_msg=name)
 
 
 def _child_read(cache, queue):
@@ -275,7 +336,7 @@ def test_transfer_cut_mid_body_resumes_with_range(world, tmp_path):
     proxy = CuttingProxy(world["server"].port)
     local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
     url = f"http://127.0.0.1:{proxy.port}/v1/caches/teacher"
-    with RemoteCache(url, token=TOKEN, shard_cache_dir=tmp_path / "remote", readahead=0, backoff_s=0.01) as cache:
+    with RemoteCache(url, token=TOKEN, decode_dir=tmp_path / "remote", readahead=0, backoff_s=0.01) as cache:
         assert_batches_equal(cache.read(0, 6), local.read(0, 6))
         assert proxy.cuts == 1
         assert cache.source.stats["retries"] == 1 and cache.source.stats["resumed"] == 1
@@ -290,7 +351,7 @@ def test_connection_dropped_after_the_last_byte_uses_what_arrived(world, tmp_pat
     proxy = CuttingProxy(world["server"].port, inflate_bytes=10)
     local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
     url = f"http://127.0.0.1:{proxy.port}/v1/caches/teacher"
-    with RemoteCache(url, token=TOKEN, shard_cache_dir=tmp_path / "remote", readahead=0, backoff_s=0.01,
+    with RemoteCache(url, token=TOKEN, decode_dir=tmp_path / "remote", readahead=0, backoff_s=0.01,
                      piece_bytes=piece_bytes) as cache:
         manifest_shards = cache.manifest["shards"]
         assert_batches_equal(cache.read(0, 6, arrays=["topk_ids"]), local.read(0, 6, arrays=["topk_ids"]))

@@ -9,6 +9,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,6 +24,8 @@ from pathlib import Path
 
 from cache_server import cli
 from cache_server import format as fmt
+from cache_server.format import wire
+from cache_server.serve.ranges import RangeNotSatisfiable, parse_single_range
 from kdlib.data.remote import RemoteCache
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import REPO_ROOT, ServerProcess
@@ -360,7 +364,7 @@ def test_limit_concurrency_503_and_keep_alive_timeout(world, tmp_path):
             assert httpx.get(server.cache_url("small"), headers=headers).status_code == 503
             # kdlib retries 503 with backoff: a reader waits the overload out instead of failing
             threading.Timer(0.5, lambda: [sock.close() for sock in held]).start()
-            with RemoteCache(server.cache_url("small"), token=TOKEN, shard_cache_dir=tmp_path / "dec",
+            with RemoteCache(server.cache_url("small"), token=TOKEN, decode_dir=tmp_path / "dec",
                              backoff_s=0.05, readahead=0) as cache:
                 assert cache.read(0, 2)["topk_ids"].shape == (2, 16, 4)
                 assert cache.source.stats["retries"] >= 1
@@ -406,8 +410,104 @@ def test_serve_refuses_duplicates_bad_names_and_unfinished(tmp_path, capsys, wor
     shutil.copytree(world["small"], unfinished)
     os.remove(unfinished / fmt.MANIFEST_NAME)
     assert cli.main(["serve", str(unfinished)]) == 2
-    assert "build has not finished" in capsys.readouterr().err
+    assert "unfinished build: rerun the same kdcache build command" in capsys.readouterr().err
     empty_token = tmp_path / "t.txt"
     empty_token.write_text("\n")
-    with pytest.raises(SystemExit, match="is empty"):
-        cli.main(["serve", small, "--token-file", str(empty_token)])
+    assert cli.main(["serve", small, "--token-file", str(empty_token)]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+def _serve_subprocess(*args: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen([sys.executable, "-m", "cache_server", "serve", *args], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_serve_port_zero_prints_the_port_it_listens_on(world):
+    proc = _serve_subprocess(str(world["small"]), f"w={world['wide']}", "--port", "0")
+    try:
+        lines = []
+        for line in proc.stdout:  # the line is flushed before serving starts
+            lines.append(line)
+            if "listening on" in line:
+                break
+        match = re.fullmatch(r"kdcache serve: listening on http://127\.0\.0\.1:(\d+)/v1 \(caches: small, w\)\n",
+                             lines[-1])
+        assert match is not None, lines
+        port = int(match[1])
+        assert port != 0
+        assert f"-> http://127.0.0.1:{port}/v1/caches/small" in "".join(lines)
+        response = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert response.status_code == 200 and response.json() == {"status": "ok", "caches": 2}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_port_in_use_is_a_one_line_error(world):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        proc = _serve_subprocess(str(world["small"]), "--port", str(port))
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 2, (stdout, stderr)
+    assert stderr.splitlines() == [
+        f"kdcache serve: error: port {port} on 127.0.0.1 is already in use (another kdcache serve?); pick another "
+        "--port, or --port 0 for a free one"
+    ]
+    assert "listening on" not in stdout
+
+
+def test_serve_refuses_bad_limits(world, capsys):
+    for option in ("--max-rows", "--max-response-bytes"):
+        assert cli.main(["serve", str(world["small"]), option, "0"]) == 2
+        assert f"{option} must be positive" in capsys.readouterr().err
+    assert cli.main(["serve", str(world["small"]), "--port", "70000"]) == 2
+    assert "--port must be in 0..65535" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- wire contract
+
+
+def test_wire_paths_reach_the_server_routes(world):
+    # kdlib.data.remote builds its URLs from cache_server.format.wire; the server routes come from it too.
+    assert get(world, wire.caches_path()).status_code == 200
+    assert get(world, wire.cache_path("small")).json()["name"] == "small"
+    manifest = get(world, wire.manifest_path("small"))
+    assert manifest.headers[wire.CHECKSUM_HEADER] == fmt.shard_sha256(manifest.content)
+    assert manifest.headers["etag"] == wire.quoted_etag(manifest.headers[wire.CHECKSUM_HEADER])
+    assert wire.shard_path("small", "topk_ids", 1) == wire.cache_path("small") + wire.shard_suffix("topk_ids", 1)
+    shard = get(world, wire.shard_path("small", "topk_ids", 1), headers={"Range": wire.range_header(2, 9)})
+    assert shard.status_code == 206 and len(shard.content) == 7
+    rows = get(world, wire.rows_path("small") + "?start=0&stop=2&arrays=lse")
+    assert rows.status_code == 200 and rows.headers["content-type"] == wire.ARROW_STREAM_MEDIA_TYPE
+    assert wire.CACHE_URL_RE.match(world["server"].cache_url("small"))
+    assert not wire.CACHE_URL_RE.match(world["server"].base_url + "/v1/caches/../x")
+
+
+def test_shard_missing_is_404_with_the_wire_error_code(world, tmp_path):
+    holey = tmp_path / "holey"
+    shutil.copytree(world["small"], holey)
+    (holey / fmt.shard_relpath("lse", 1, 2)).unlink()
+    with ServerProcess([str(holey)], token=TOKEN, token_dir=tmp_path) as server:
+        headers = server.auth_headers
+        response = httpx.get(server.base_url + wire.shard_path("holey", "lse", 1), headers=headers)
+        assert response.status_code == 404 and response.headers[wire.ERROR_HEADER] == wire.SHARD_MISSING
+        assert response.json()["array"] == "lse" and response.json()["shard_index"] == 1
+        assert httpx.get(server.base_url + wire.shard_path("holey", "lse", 0), headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "header,size,window",
+    [("bytes=0-9", 100, (0, 10)), ("bytes=90-", 100, (90, 100)), ("bytes=-5", 100, (95, 100)),
+     ("bytes=-500", 100, (0, 100)), ("bytes=10-1000", 100, (10, 100)), ("BYTES = 1 - 1", 100, (1, 2))],
+)
+def test_parse_single_range(header, size, window):
+    assert parse_single_range(header, size) == window
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=-0", "bytes=5-4", "bytes=0-1,3-4", "bytes=", "lines=0-1"])
+def test_parse_single_range_refuses(header):
+    with pytest.raises(RangeNotSatisfiable):
+        parse_single_range(header, 100)

@@ -54,7 +54,7 @@ def test_sigkill_mid_stream_then_restart(world, tmp_path):
     server = world["server"]
     local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
     names = local.position_arrays()
-    cache = RemoteCache(server.cache_url("teacher"), token=TOKEN, shard_cache_dir=tmp_path / "remote",
+    cache = RemoteCache(server.cache_url("teacher"), token=TOKEN, decode_dir=tmp_path / "remote",
                         backoff_s=0.05, max_retries=12, readahead=2, prefetch_workers=2)
     results: dict[int, dict[str, torch.Tensor]] = {}
     errors: list[BaseException] = []
@@ -90,7 +90,7 @@ def test_sigkill_mid_stream_then_restart(world, tmp_path):
 
 
 def test_corrupted_stored_shard_is_refused_by_the_client(world, tmp_path):
-    cache = RemoteCache(world["server"].cache_url("broken"), token=TOKEN, shard_cache_dir=tmp_path / "remote",
+    cache = RemoteCache(world["server"].cache_url("broken"), token=TOKEN, decode_dir=tmp_path / "remote",
                         corrupt_retries=2, readahead=0)
     good = cache.read(0, 8)  # shard 0 is intact
     np.testing.assert_array_equal(good["topk_logprobs"].numpy(), world["arrays"]["topk_logprobs"][:8])
@@ -133,7 +133,7 @@ def test_missing_stored_shard_is_final_and_named(world, tmp_path):
         assert (body["cache"], body["array"], body["shard_index"]) == ("holey", MISSING_ARRAY, MISSING_SHARD)
         assert "missing on the server" in body["detail"] and str(world["root"]) not in response.text
     # the client gives up at once (default max_retries=8 would mean ~15 s of backoff) and names the shard
-    cache = RemoteCache(url, token=TOKEN, shard_cache_dir=tmp_path / "remote", readahead=0)
+    cache = RemoteCache(url, token=TOKEN, decode_dir=tmp_path / "remote", readahead=0)
     assert cache.read(0, 8)["topk_ids"].shape == (8, 128, 16)
     started = time.monotonic()
     with pytest.raises(CorruptShardError, match="missing on the server") as info:

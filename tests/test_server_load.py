@@ -30,7 +30,7 @@ def test_sixteen_concurrent_clients_read_the_whole_cache(tmp_path):
 
         def client(i: int) -> None:
             try:
-                cache = RemoteCache(server.cache_url("teacher"), token=TOKEN, shard_cache_dir=tmp_path / f"c{i}")
+                cache = RemoteCache(server.cache_url("teacher"), token=TOKEN, decode_dir=tmp_path / f"c{i}")
                 barrier.wait(30)
                 step = 3 + i % 5  # different batch sizes: requests interleave differently per client
                 for start in range(0, cache.num_sequences, step):

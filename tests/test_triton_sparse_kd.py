@@ -15,6 +15,7 @@ import torch
 
 import kdlib
 from kdlib.losses import DIVERGENCES, TAILS
+from kdlib.losses.backends import RowStats
 from kdlib.losses.sparse_math import LOG_TAIL_FLOOR
 
 pytest.importorskip("triton")
@@ -193,7 +194,7 @@ def test_triton_tail_exact_on_both_paths(temperature):
     assert any(f >= EXACT_TAIL_BELOW for f in fractions) and any(f < EXACT_TAIL_BELOW for f in fractions)
     logits, ids = _student_with_tail_fractions(vocab, k, fractions, temperature)
     stats = row_stats(logits.to(DEVICE), ids.to(DEVICE), torch.zeros(len(fractions), dtype=torch.int64,
-                      device=DEVICE), temperature, need_tail=True)
+                      device=DEVICE), temperature, need_tail=True, log_tail_floor=LOG_TAIL_FLOOR, stats_type=RowStats)
     u = logits.double() / temperature  # the fp32 logits' own exact tail
     off = torch.ones_like(u, dtype=torch.bool).scatter_(1, ids, False)
     truth = (torch.logsumexp(u.masked_fill(~off, -torch.inf), -1) - torch.logsumexp(u, -1)).clamp_min(LOG_TAIL_FLOOR)
@@ -213,3 +214,16 @@ def test_triton_tail_exact_on_both_paths(temperature):
     for divergence in ("forward_kl", "reverse_kl"):
         kw = dict(divergence=divergence, tail="bucket", temperature=temperature, ce_weight=0.5)
         assert_close(torch.float32, run(case, "reference", **kw), run(case, "triton", **kw))
+
+
+def test_triton_row_stats_takes_the_floor_and_record_from_the_caller():
+    from triton_kernels.sparse_kd import row_stats
+
+    # K = V: the student's tail is exactly 0, so log T is the floor kdlib passes (triton_kernels keeps no copy)
+    logits = torch.randn(3, 37, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    ids = torch.arange(37).repeat(3, 1).to(DEVICE)
+    for floor in (LOG_TAIL_FLOOR, math.log(1e-10)):
+        stats = row_stats(logits, ids, torch.zeros(3, dtype=torch.int64, device=DEVICE), 2.0, need_tail=True,
+                          log_tail_floor=floor, stats_type=RowStats)
+        assert isinstance(stats, RowStats)
+        torch.testing.assert_close(stats.log_tail.cpu(), torch.full((3,), floor), rtol=0, atol=1e-5)

@@ -26,22 +26,23 @@ No host-device synchronization: the exact pass is launched over all N rows and u
 after reading one byte, so which rows need it is never copied to the host.
 
 The K-wide divergence math (any divergence / tail) runs in PyTorch on [N, K] tensors in kdlib; this file
-imports nothing from kdlib. Loads are contiguous along V (coalesced), accumulation is fp32, the grad is
+imports nothing from kdlib: what the two sides share is passed in by the caller, the floor of the log tail
+mass (``log_tail_floor``) and the record type of the row statistics (``stats_type``, whose fields
+:func:`row_stats` fills by name). Loads are contiguous along V (coalesced), accumulation is fp32, the grad is
 stored in the logits' dtype (or ``out_dtype``). Works under TRITON_INTERPRET=1 on CPU tensors (the tests).
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["RowStats", "row_stats", "write_grad", "launch_config", "LaunchConfig", "EXACT_TAIL_BELOW"]
+__all__ = ["row_stats", "write_grad", "launch_config", "LaunchConfig", "EXACT_TAIL_BELOW"]
 
-LOG_TAIL_FLOOR = math.log(1e-30)  # keep equal to kdlib.losses.sparse_math.LOG_TAIL_FLOOR
+Stats = TypeVar("Stats")
 
 # Rows whose estimated tail is below this fraction of the row's mass take the exact pass. The estimate's
 # relative error is ~1e-7 · total/tail (fp32 rounding of two sums that nearly cancel; worst case over 300
@@ -79,14 +80,6 @@ def launch_config(vocab: int, k: int) -> LaunchConfig:
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(max(vocab, 16)))
     block_k = min(MAX_BLOCK_K, triton.next_power_of_2(max(k, 1)))
     return LaunchConfig(block_v, block_k, max(1, min(8, block_v // 256)))
-
-
-class RowStats(NamedTuple):
-    lse_1: torch.Tensor  # [N]
-    lse_t: torch.Tensor  # [N]
-    logits_on_support: torch.Tensor  # [N, K] fp32
-    logit_at_label: torch.Tensor  # [N] fp32
-    log_tail: torch.Tensor | None  # [N]
 
 
 @triton.jit
@@ -225,8 +218,12 @@ def row_stats(
     need_lse_1: bool = True,
     need_tail: bool = False,
     chunk_rows: int | None = None,  # accepted for interface parity with the PyTorch pass
-) -> RowStats:
-    """Launch one program per row; returns fp32 lse_1, lse_t [N], z_S [N, K], z_label [N], log_tail [N]."""
+    *,
+    log_tail_floor: float,  # the caller's floor of log T (kdlib: log 1e-30)
+    stats_type: Callable[..., Stats],  # the caller's record of the results, filled by field name
+) -> Stats:
+    """Launch one program per row; returns ``stats_type(lse_1=, lse_t=, logits_on_support=, logit_at_label=,
+    log_tail=)`` of fp32 lse_1, lse_t [N], z_S [N, K], z_label [N] and log_tail [N] (None unless ``need_tail``)."""
     del need_lse_1, chunk_rows  # the CE sum is a free by-product of the same loop
     n, vocab = logits.shape
     k = topk_ids.shape[1]
@@ -241,13 +238,14 @@ def row_stats(
     z_support = torch.empty((n, k), dtype=torch.float32, device=dev)
     z_label = torch.empty(n, dtype=torch.float32, device=dev)
     if n == 0:
-        return RowStats(lse_1, lse_t, z_support, z_label, log_tail)
+        return stats_type(lse_1=lse_1, lse_t=lse_t, logits_on_support=z_support, logit_at_label=z_label,
+                          log_tail=log_tail)
     cfg = launch_config(vocab, k)
     inv_temperature = 1.0 / temperature
     _row_stats_kernel[(n,)](
         logits, logits.stride(0), ids, ids.stride(0), labels,
         lse_1, lse_t, z_support, z_label, log_tail if need_tail else lse_1, needs_exact if need_tail else lse_1,
-        vocab, k, inv_temperature, LOG_TAIL_FLOOR, EXACT_TAIL_BELOW,
+        vocab, k, inv_temperature, log_tail_floor, EXACT_TAIL_BELOW,
         SCALED=temperature != 1.0, NEED_TAIL=need_tail, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
         num_warps=cfg.num_warps,
     )
@@ -255,10 +253,11 @@ def row_stats(
         sorted_ids = ids.sort(dim=1).values  # [N, K] ascending, for the merge in the exact pass
         _exact_tail_kernel[(n,)](
             logits, logits.stride(0), sorted_ids, sorted_ids.stride(0), needs_exact, log_tail,
-            vocab, k, inv_temperature, LOG_TAIL_FLOOR,
+            vocab, k, inv_temperature, log_tail_floor,
             BLOCK_V=cfg.block_v, num_warps=cfg.num_warps,
         )
-    return RowStats(lse_1, lse_t, z_support, z_label, log_tail)
+    return stats_type(lse_1=lse_1, lse_t=lse_t, logits_on_support=z_support, logit_at_label=z_label,
+                      log_tail=log_tail)
 
 
 def write_grad(

@@ -13,9 +13,13 @@ Supported inputs (chosen by suffix / directory content, see :func:`detect_format
 * ``.parquet``, ``.arrow`` / ``.feather`` (Arrow IPC file or stream) and a ``datasets.save_to_disk``
   directory, each with an ``input_ids`` column: a list column whose rows all have one length L is 2-D
   (L must equal T); rows of varying lengths (tokenized documents) are concatenated into one stream; an
-  integer column is a stream.
-* ``.txt`` (one document) and ``.jsonl`` (one JSON object per line with a ``text`` field, one document per
-  line), tokenized with ``--tokenizer``; documents are joined with the tokenizer's EOS id when it has one.
+  integer column is a stream. Without ``input_ids``, a string column ``text`` is tokenized, one row per
+  document.
+* Text, tokenized with ``--tokenizer``: ``.txt`` (by default the whole file is one document; see
+  ``--text-documents``) and ``.jsonl`` (the ``text`` field of each JSON object is one document). What a
+  document is in each format is defined in ``text_inputs.py``. A document is tokenized as ONE text, and
+  documents are joined with the tokenizer's EOS id when it has one: EOS stands between documents, never
+  inside one and not after the last.
 
 Stream rule: a 1-D stream is cut into ``len // T`` consecutive sequences; the remainder (``len % T`` tokens,
 fewer than T) is DROPPED and reported (``remainder_tokens_dropped``) in the build summary and in the
@@ -28,7 +32,6 @@ The data fingerprint is the sha256 of exactly the token ids used, as little-endi
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,11 +39,23 @@ from typing import Any
 
 import numpy as np
 
+from cache_server.build.errors import DataError
+from cache_server.build.text_inputs import (
+    TEXT_DOCUMENT_MODES,
+    TokenizerInfo,
+    jsonl_documents,
+    load_tokenizer,
+    text_column_documents,
+    tokenize_documents,
+    txt_documents,
+)
+
 __all__ = [
     "DataError",
     "TokenData",
     "TokenizerInfo",
     "DATA_FORMATS",
+    "TEXT_DOCUMENT_MODES",
     "detect_format",
     "load_tokenizer",
     "open_token_data",
@@ -60,23 +75,6 @@ _SUFFIX_FORMATS = {
 _FINGERPRINT_BLOCK_ROWS_TOKENS = 1 << 22  # tokens hashed per block: bounds memory for memory-mapped inputs
 
 
-class DataError(ValueError):
-    """The token data is unusable; the message says what is wrong and how to fix it."""
-
-
-@dataclass
-class TokenizerInfo:
-    """A tokenizer loaded from a local ``tokenizer.json`` (never downloaded)."""
-
-    path: str
-    fingerprint: str  # sha256 of tokenizer.json
-    tokenizer: Any  # tokenizers.Tokenizer
-    eos_id: int | None
-
-    def manifest_entry(self) -> dict[str, Any]:
-        return {"path": self.path, "fingerprint": "sha256:" + self.fingerprint}
-
-
 @dataclass
 class TokenData:
     """Token ids of a build as ``sequences`` [N, T] (possibly a read-only memory map)."""
@@ -89,6 +87,8 @@ class TokenData:
     remainder_tokens_dropped: int
     sequences_available: int
     notes: list[str] = field(default_factory=list)
+    documents: int | None = None  # text inputs: documents tokenized
+    text_documents: str | None = None  # .txt inputs: what one document is (--text-documents)
     _fingerprint: str | None = None
     _min_max: tuple[int, int] | None = None
 
@@ -150,7 +150,7 @@ class TokenData:
             )
 
     def manifest_entry(self) -> dict[str, Any]:
-        return {
+        entry = {
             "source": self.source,
             "format": self.format,
             "layout": self.layout,
@@ -161,6 +161,11 @@ class TokenData:
             "sequences_used": self.num_sequences,
             "fingerprint": self.fingerprint,
         }
+        if self.documents is not None:
+            entry["documents"] = self.documents
+        if self.text_documents is not None:
+            entry["text_documents"] = self.text_documents
+        return entry
 
 
 def _first_index(sequences: np.ndarray, predicate) -> tuple[int, int]:
@@ -195,73 +200,6 @@ def detect_format(path: Path) -> str:
     return fmt
 
 
-# --------------------------------------------------------------------------------------------- tokenizer
-
-
-def load_tokenizer(path: str | os.PathLike) -> TokenizerInfo:
-    """Load ``tokenizer.json`` from a directory (or the file itself) with the ``tokenizers`` library."""
-    from tokenizers import Tokenizer
-
-    path = Path(path)
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if not file.is_file():
-        raise DataError(
-            f"no tokenizer.json at {path}; pass --tokenizer DIR pointing to a directory with a fast-tokenizer "
-            "tokenizer.json (save it with tokenizer.save_pretrained(DIR))"
-        )
-    raw = file.read_bytes()
-    try:
-        tokenizer = Tokenizer.from_str(raw.decode())
-    except Exception as exc:
-        raise DataError(f"cannot load tokenizer {file}: {exc}") from exc
-    eos_id = None
-    config = file.parent / "tokenizer_config.json"
-    if config.is_file():
-        try:
-            eos = json.loads(config.read_text()).get("eos_token")
-            if isinstance(eos, dict):
-                eos = eos.get("content")
-            if isinstance(eos, str):
-                eos_id = tokenizer.token_to_id(eos)
-        except (json.JSONDecodeError, OSError):
-            pass
-    return TokenizerInfo(str(file.parent.resolve()), hashlib.sha256(raw).hexdigest(), tokenizer, eos_id)
-
-
-def _encode_documents(documents: list[str], tokenizer: TokenizerInfo) -> np.ndarray:
-    ids: list[np.ndarray] = []
-    batch = 256
-    for start in range(0, len(documents), batch):
-        for enc in tokenizer.tokenizer.encode_batch(documents[start : start + batch], add_special_tokens=False):
-            ids.append(np.asarray(enc.ids, dtype=np.int64))
-            if tokenizer.eos_id is not None:
-                ids.append(np.asarray([tokenizer.eos_id], dtype=np.int64))
-    return np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
-
-
-def _read_text(path: Path, fmt: str) -> list[str]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path} is not UTF-8 text ({exc})") from exc
-    if fmt == "txt":
-        # One document; encoded in blocks of lines so memory stays bounded (deterministic split points).
-        lines = text.splitlines(keepends=True)
-        return ["".join(lines[i : i + 1000]) for i in range(0, len(lines), 1000)] if lines else []
-    docs = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise DataError(f"{path}:{lineno}: each JSONL line must be an object with a string \"text\" field")
-        docs.append(obj["text"])
-    return docs
-
-
 # --------------------------------------------------------------------------------------------- arrow
 
 
@@ -293,38 +231,112 @@ def _column_to_array(column, source: str, seq_len: int) -> tuple[np.ndarray, str
     return values, "stream", [note]
 
 
+def _input_column(names: list[str], source: str) -> str:
+    """The column a table input is read from: token ids if it has them, else text to tokenize."""
+    for name in ("input_ids", "text"):
+        if name in names:
+            return name
+    raise DataError(
+        f"{source} has neither an 'input_ids' nor a 'text' column (columns: {names}); tokenize it into "
+        "'input_ids', or name its text column 'text'"
+    )
+
+
 def _read_arrow_table(path: Path, fmt: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if fmt == "parquet":
-        schema = pq.read_schema(path)
-        if "input_ids" not in schema.names:
-            raise DataError(f"{path} has no 'input_ids' column (columns: {schema.names}); tokenize it first")
-        return pq.read_table(path, columns=["input_ids"])
-    source = pa.memory_map(str(path), "r")
     try:
-        table = pa.ipc.open_file(source).read_all()
-    except pa.ArrowInvalid:
-        source = pa.memory_map(str(path), "r")
-        table = pa.ipc.open_stream(source).read_all()
-    return table
+        if fmt == "parquet":
+            return pq.read_table(path, columns=[_input_column(pq.read_schema(path).names, str(path))])
+        try:
+            table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        except pa.ArrowInvalid:
+            table = pa.ipc.open_stream(pa.memory_map(str(path), "r")).read_all()
+    except (pa.ArrowException, OSError) as exc:
+        kind = "Parquet" if fmt == "parquet" else "Arrow IPC"
+        raise DataError(f"cannot read {path} as a {kind} file ({exc}); is it damaged or of another format?") from exc
+    return table.select([_input_column(table.column_names, str(path))])
 
 
 def _read_hf_dataset(path: Path):
     import datasets
 
-    ds = datasets.load_from_disk(str(path))
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except (OSError, ValueError) as exc:  # FileNotFoundError for missing pieces, ValueError for bad metadata
+        raise DataError(f"cannot load the datasets directory {path} ({exc}); is it complete?") from exc
     if isinstance(ds, datasets.DatasetDict):
         raise DataError(f"{path} holds several splits {list(ds)}; pass one split's directory")
-    if "input_ids" not in ds.column_names:
-        raise DataError(f"{path} has no 'input_ids' column (columns: {ds.column_names}); tokenize it first")
+    column = _input_column(ds.column_names, str(path))
     if getattr(ds, "_indices", None) is not None:
         ds = ds.flatten_indices()
-    return ds.data.table.select(["input_ids"])
+    return ds.data.table.select([column])
 
 
 # --------------------------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class _Ids:
+    """Token ids as read from an input, before they are cut into sequences."""
+
+    ids: np.ndarray  # 1-D stream or 2-D [rows, L]
+    layout: str  # "stream" | "rows"
+    notes: list[str] = field(default_factory=list)
+    documents: int | None = None
+
+
+def _load_npy(path: Path) -> _Ids:
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise DataError(f"{path} is not a .npy file (no NumPy header); save the token ids with numpy.save")
+    try:
+        ids = np.load(path, allow_pickle=False, mmap_mode="r")
+    except ValueError as exc:
+        raise DataError(
+            f"{path} cannot be read as a plain array without unpickling ({exc}); save a plain integer array"
+        ) from exc
+    if ids.ndim not in (1, 2):
+        raise DataError(f"{path} has shape {ids.shape}; expected a 1-D token stream or 2-D [sequences, T]")
+    return _Ids(ids, "stream" if ids.ndim == 1 else "rows")
+
+
+def _load_bin(path: Path, data_dtype: str | None) -> _Ids:
+    dtype = np.dtype(data_dtype or "uint16")
+    if dtype.name not in ("uint16", "uint32"):
+        raise DataError(f"--data-dtype must be uint16 or uint32, got {data_dtype!r}")
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+        raise DataError(
+            f"{path} has {size} bytes, not a multiple of {dtype.itemsize} ({dtype.name}); the file was "
+            "written with another dtype (try --data-dtype uint16) or is truncated"
+        )
+    return _Ids(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r") if size else np.zeros(0, dtype), "stream")
+
+
+def _load_table(path: Path, fmt: str, seq_len: int, tokenizer: TokenizerInfo | None) -> _Ids:
+    table = _read_hf_dataset(path) if fmt == "hf-dataset" else _read_arrow_table(path, fmt)
+    if table.num_rows == 0:
+        raise DataError(f"{path} is empty (0 rows); nothing to build")
+    if table.column_names == ["text"]:
+        ids, count, notes = tokenize_documents(text_column_documents(table.column("text"), str(path)), tokenizer, str(path))
+        return _Ids(ids, "stream", notes, count)
+    ids, layout, notes = _column_to_array(table.column("input_ids"), str(path), seq_len)
+    return _Ids(ids, layout, notes)
+
+
+def _load_ids(path: Path, fmt: str, seq_len: int, data_dtype, tokenizer, text_documents: str) -> _Ids:
+    if fmt == "npy":
+        return _load_npy(path)
+    if fmt == "bin":
+        return _load_bin(path, data_dtype)
+    if fmt in ("parquet", "arrow", "hf-dataset"):
+        return _load_table(path, fmt, seq_len, tokenizer)
+    documents = txt_documents(path, text_documents) if fmt == "txt" else jsonl_documents(path)
+    ids, count, notes = tokenize_documents(documents, tokenizer, str(path))
+    return _Ids(ids, "stream", notes, count)
 
 
 def open_token_data(
@@ -334,8 +346,17 @@ def open_token_data(
     data_dtype: str | None = None,
     tokenizer: TokenizerInfo | None = None,
     max_sequences: int | None = None,
+    text_documents: str = "file",
 ) -> TokenData:
     """Open token data and return its [N, T] sequences, validating shape and dtype (not yet vocab range).
+
+    Args:
+        path: the input (see the module docstring for the formats).
+        seq_len: T.
+        data_dtype: uint16 | uint32 for a raw ``.bin`` stream.
+        tokenizer: for text inputs.
+        max_sequences: keep only the first N sequences.
+        text_documents: what one document of a ``.txt`` file is: file | blank-line | line.
 
     Raises:
         DataError: missing/unknown/empty input, data shorter than T, 2-D rows of length != T, non-integer
@@ -348,78 +369,46 @@ def open_token_data(
     fmt = detect_format(path)
     if data_dtype is not None and fmt != "bin":
         raise DataError(f"--data-dtype applies only to raw .bin token streams, not to {fmt} input {source}")
-    notes: list[str] = []
-    if fmt == "npy":
-        try:
-            ids = np.load(path, allow_pickle=False, mmap_mode="r")
-        except ValueError as exc:
-            raise DataError(f"{source} cannot be read without unpickling ({exc}); save a plain integer array") from exc
-        layout = "stream" if ids.ndim == 1 else "rows"
-        if ids.ndim not in (1, 2):
-            raise DataError(f"{source} has shape {ids.shape}; expected a 1-D token stream or 2-D [sequences, T]")
-    elif fmt == "bin":
-        dtype = np.dtype(data_dtype or "uint16")
-        if dtype.name not in ("uint16", "uint32"):
-            raise DataError(f"--data-dtype must be uint16 or uint32, got {data_dtype!r}")
-        size = path.stat().st_size
-        if size % dtype.itemsize:
-            raise DataError(
-                f"{source} has {size} bytes, not a multiple of {dtype.itemsize} ({dtype.name}); the file was "
-                "written with another dtype (try --data-dtype uint16) or is truncated"
-            )
-        ids = np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r") if size else np.zeros(0, dtype)
-        layout = "stream"
-    elif fmt in ("parquet", "arrow", "hf-dataset"):
-        table = _read_hf_dataset(path) if fmt == "hf-dataset" else _read_arrow_table(path, fmt)
-        if "input_ids" not in table.column_names:
-            raise DataError(f"{source} has no 'input_ids' column (columns: {table.column_names}); tokenize it first")
-        if table.num_rows == 0:
-            raise DataError(f"{source} is empty (0 rows); nothing to build")
-        ids, layout, notes = _column_to_array(table.column("input_ids"), source, seq_len)
-    else:  # txt / jsonl
-        if tokenizer is None:
-            raise DataError(
-                f"{source} is text; pass --tokenizer DIR (a directory with tokenizer.json, usually the teacher's)"
-            )
-        docs = _read_text(path, fmt)
-        ids = _encode_documents(docs, tokenizer)
-        layout = "stream"
-
+    if text_documents not in TEXT_DOCUMENT_MODES:
+        raise DataError(f"--text-documents must be one of {', '.join(TEXT_DOCUMENT_MODES)}, got {text_documents!r}")
+    if max_sequences is not None and max_sequences <= 0:
+        raise DataError(f"--max-sequences must be positive, got {max_sequences}")
+    loaded = _load_ids(path, fmt, seq_len, data_dtype, tokenizer, text_documents)
+    ids = loaded.ids
     if not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"{source} holds {ids.dtype} values; token ids must be integers")
     if ids.size == 0:
         raise DataError(f"{source} is empty (0 tokens); nothing to build")
+    sequences, remainder = _cut(ids, loaded.layout, seq_len, source)
+    available = int(sequences.shape[0])
+    n = available if max_sequences is None else min(available, max_sequences)
+    return TokenData(
+        source=source,
+        format=fmt,
+        layout=loaded.layout,
+        sequences=sequences[:n],
+        tokens_total=int(ids.size),
+        remainder_tokens_dropped=remainder,
+        sequences_available=available,
+        notes=loaded.notes,
+        documents=loaded.documents,
+        text_documents=text_documents if fmt == "txt" else None,
+    )
 
-    tokens_total = int(ids.size)
-    if layout == "stream":
-        if tokens_total < seq_len:
-            raise DataError(
-                f"{source} has only {tokens_total} tokens, fewer than one sequence of --seq-len {seq_len}; "
-                "use a smaller --seq-len or more data"
-            )
-        available = tokens_total // seq_len
-        remainder = tokens_total - available * seq_len
-        sequences = ids[: available * seq_len].reshape(available, seq_len)
-    else:
+
+def _cut(ids: np.ndarray, layout: str, seq_len: int, source: str) -> tuple[np.ndarray, int]:
+    """[N, T] sequences of ``ids`` and the stream remainder dropped (see the module docstring)."""
+    if layout == "rows":
         if ids.shape[1] != seq_len:
             raise DataError(
                 f"{source} holds 2-D rows of {ids.shape[1]} tokens but --seq-len is {seq_len}; pass "
                 f"--seq-len {ids.shape[1]} (2-D data is never re-cut; save a 1-D stream to re-cut it)"
             )
-        available, remainder = int(ids.shape[0]), 0
-        sequences = ids
-    n = available
-    if max_sequences is not None:
-        if max_sequences <= 0:
-            raise DataError(f"--max-sequences must be positive, got {max_sequences}")
-        n = min(n, max_sequences)
-    return TokenData(
-        source=source,
-        format=fmt,
-        layout=layout,
-        sequences=sequences[:n],
-        tokens_total=tokens_total,
-        remainder_tokens_dropped=remainder,
-        sequences_available=available,
-        notes=notes,
-    )
+        return ids, 0
+    if ids.size < seq_len:
+        raise DataError(
+            f"{source} has only {ids.size} tokens, fewer than one sequence of --seq-len {seq_len}; "
+            "use a smaller --seq-len or more data"
+        )
+    available = ids.size // seq_len
+    return ids[: available * seq_len].reshape(available, seq_len), int(ids.size - available * seq_len)

@@ -52,6 +52,8 @@ class TeacherInfo:
     factory: str | None = None
     architecture: str | None = None
     vocab_size: int | None = None
+    max_positions: int | None = None  # the longest sequence the teacher accepts, when its config says
+    max_positions_source: str = ""  # where max_positions comes from, for messages
     _weights_sha256: dict[str, str] | None = field(default=None, repr=False)
 
     def weights_sha256(self) -> dict[str, str]:
@@ -106,12 +108,25 @@ def _pickles(path: Path) -> list[Path]:
     return [p for p in path.iterdir() if p.suffix.lower() in _PICKLE_SUFFIXES]
 
 
-def _vocab_from_config(config: dict[str, Any]) -> int | None:
-    for holder in (config, config.get("text_config") or {}):
-        value = holder.get("vocab_size")
-        if isinstance(value, int) and value > 0:
-            return value
+# Config keys that bound the positions a model accepts, as transformers architectures name them.
+_MAX_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def _config_int(config: dict[str, Any], keys: tuple[str, ...]) -> tuple[int, str] | None:
+    """The first positive integer under ``keys`` (top level, then ``text_config``), with its key."""
+    for prefix, holder in (("", config), ("text_config.", config.get("text_config") or {})):
+        if not isinstance(holder, dict):
+            continue
+        for key in keys:
+            value = holder.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value, prefix + key
     return None
+
+
+def _vocab_from_config(config: dict[str, Any]) -> int | None:
+    found = _config_int(config, ("vocab_size",))
+    return found[0] if found else None
 
 
 def inspect_teacher(path: str | os.PathLike, model_factory: str | None = None) -> TeacherInfo:
@@ -172,6 +187,10 @@ def inspect_teacher(path: str | os.PathLike, model_factory: str | None = None) -
         archs = config.get("architectures") or []
         info.architecture = archs[0] if archs else config.get("model_type")
         info.vocab_size = _vocab_from_config(config)
+        limit = _config_int(config, _MAX_POSITION_KEYS)
+        if limit is not None:
+            info.max_positions, key = limit
+            info.max_positions_source = f"{key} = {limit[0]} in its {config_file.name}"
     return info
 
 
@@ -181,10 +200,40 @@ def _resolve_factory(spec: str) -> Callable[[], torch.nn.Module]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise TeacherError(f"--model-factory: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") from exc
+    except Exception as exc:  # the module itself is broken: its own error, named, not a traceback of ours
+        raise TeacherError(
+            f"--model-factory: importing {module_name!r} failed with {type(exc).__name__}: {exc}; fix that module"
+        ) from exc
     func = getattr(module, func_name, None)
     if not callable(func):
         raise TeacherError(f"--model-factory: {module_name!r} has no callable {func_name!r}")
     return func
+
+
+def _build_factory_model(info: TeacherInfo, torch_dtype: torch.dtype) -> torch.nn.Module:
+    """The factory's module with the safetensors weights loaded (strict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        model = _resolve_factory(info.factory)()
+    except TeacherError:
+        raise
+    except Exception as exc:
+        raise TeacherError(f"--model-factory {info.factory} raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, torch.nn.Module):
+        raise TeacherError(f"--model-factory {info.factory} returned {type(model).__name__}, not a torch.nn.Module")
+    state: dict[str, torch.Tensor] = {}
+    for f in info.weight_files:
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as exc:
+            raise TeacherError(f"cannot read the teacher weights {f}: {exc}; is the file a complete .safetensors?") from exc
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise TeacherError(f"weights {info.path} do not fit the model from {info.factory}: {exc}") from exc
+    return model.to(torch_dtype)
 
 
 def load_teacher(info: TeacherInfo, dtype: str = "float32", device: str = "cpu") -> torch.nn.Module:
@@ -202,28 +251,40 @@ def load_teacher(info: TeacherInfo, dtype: str = "float32", device: str = "cpu")
         info.architecture = info.architecture or type(model).__name__
         vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     else:
-        from safetensors.torch import load_file
-
-        model = _resolve_factory(info.factory)()
-        if not isinstance(model, torch.nn.Module):
-            raise TeacherError(f"--model-factory {info.factory} returned {type(model).__name__}, not a torch.nn.Module")
-        state: dict[str, torch.Tensor] = {}
-        for f in info.weight_files:
-            state.update(load_file(str(f)))
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise TeacherError(f"weights {info.path} do not fit the model from {info.factory}: {exc}") from exc
-        model = model.to(torch_dtype)
+        model = _build_factory_model(info, torch_dtype)
         info.architecture = info.architecture or f"{type(model).__module__}.{type(model).__qualname__}"
-        vocab = getattr(model, "vocab_size", None) or getattr(getattr(model, "config", None), "vocab_size", None)
+        config = getattr(model, "config", None)
+        vocab = getattr(model, "vocab_size", None) or getattr(config, "vocab_size", None)
+        limit = _config_int(config.to_dict() if hasattr(config, "to_dict") else {}, _MAX_POSITION_KEYS)
+        if limit is not None and info.max_positions is None:
+            info.max_positions, key = limit
+            info.max_positions_source = f"{key} = {limit[0]} in the model's config"
     model = model.to(device).eval()
-    if vocab is None or (info.vocab_size is not None and vocab != info.vocab_size):
-        # Trust the logits, not the config: probe one token.
-        with torch.inference_mode():
-            vocab = forward_logits(model, torch.zeros(1, 1, dtype=torch.long, device=device)).shape[-1]
+    if info.kind == "factory" or vocab is None or (info.vocab_size is not None and vocab != info.vocab_size):
+        vocab = _probe_vocab(model, info, device)  # trust the logits, not the config
     info.vocab_size = int(vocab)
     return model
+
+
+def _probe_vocab(model: torch.nn.Module, info: TeacherInfo, device: str) -> int:
+    """V from the logits of one token; a custom model's forward is checked against the contract here."""
+    try:
+        with torch.inference_mode():
+            logits = forward_logits(model, torch.zeros(1, 1, dtype=torch.long, device=device))
+    except Exception as exc:
+        if info.kind != "factory":
+            raise
+        raise TeacherError(
+            f"the model from --model-factory {info.factory} failed on a one-token input ({type(exc).__name__}: "
+            f"{exc}); its forward(input_ids) must take int64 ids [B, T] and return logits [B, T, V]"
+        ) from exc
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 3 or tuple(logits.shape[:2]) != (1, 1):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise TeacherError(
+            f"the model from --model-factory {info.factory} returned {got} for input_ids of shape (1, 1); "
+            "forward(input_ids) must return logits [B, T, V] (a tensor, or an object with .logits)"
+        )
+    return int(logits.shape[-1])
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -234,4 +295,4 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Ten
         out = model(input_ids=input_ids, use_cache=False)
     else:
         out = model(input_ids)
-    return out if isinstance(out, torch.Tensor) else out.logits
+    return out if isinstance(out, torch.Tensor) else getattr(out, "logits", out)

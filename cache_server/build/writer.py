@@ -1,39 +1,57 @@
-"""Crash-safe, resumable writer of a kdcache directory.
+"""Crash-safe, resumable writer of a kdcache directory, and the one owner of "what does this directory hold".
 
-The writer owns the persistent state of a build, not the teacher computation (see ``job.py``):
+The writer owns the persistent state of a build, not the teacher computation (see ``pipeline.py``):
 
 * ``DIR/.kdcache-build/settings.json`` — the settings that determine the cache's bytes. A rerun with equal
   settings resumes; different settings are refused unless ``overwrite=True``.
 * ``DIR/.kdcache-build/shards/{i}.json`` — written atomically AFTER shard i's files are complete on disk, with
   their sha256 and sizes and the shard's statistics. A shard without a journal entry is (re)written whole,
-  so a SIGKILL at any moment loses at most the shards in flight.
+  so a SIGKILL at any moment loses at most the shards in flight, and a shard whose write failed (a full
+  disk) is never journaled.
 * ``DIR/manifest.json`` — written atomically (tmp + rename) only when every shard is journaled. Readers refuse
   a directory without it, so a half-built cache can never be read as a complete one.
+* ``DIR/.kdcache-build/lock.rank{R}`` — the build lock of ``cache_server.format.build_lock``, held by the
+  build process (not by this class); the writer never deletes a lock file while it clears the state.
 
 Shard files are deterministic functions of their data and codec, so a resumed build is bitwise identical to
 an uninterrupted one. Several processes (one per GPU) may share a build: process ``rank`` of ``world_size``
 writes shards ``i % world_size == rank``; rank 0 creates the metadata, the last one to finish writes the
-manifest.
+manifest. A finished cache whose shard files were damaged is repaired in place (:meth:`CacheWriter.begin_repair`).
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
+import fcntl
 import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
 from cache_server import format as fmt
+from cache_server.build import space
+from cache_server.build.assemble import STATS_ARRAYS, layout_dict, manifest_from_entries, shard_stats
+from cache_server.format.build_lock import BUILD_STATE_DIR
 
-__all__ = ["CacheWriter", "BuildStateError", "atomic_write_bytes"]
+__all__ = [
+    "CacheWriter",
+    "BuildStateError",
+    "DirState",
+    "STATE_DIR",
+    "atomic_write_bytes",
+    "read_dir_state",
+    "check_existing",
+    "journal_entries",
+]
 
-STATE_DIR = ".kdcache-build"
+STATE_DIR = BUILD_STATE_DIR
+_SETTINGS_NAME = "settings.json"
+_JOURNAL_DIR = "shards"
+_LOCK_FILE_PREFIX = "lock.rank"  # build_lock's lock files: kept whenever the state is cleared
 
 
 class BuildStateError(fmt.CacheError):
@@ -43,11 +61,15 @@ class BuildStateError(fmt.CacheError):
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a half-written temporary behind
+        raise
 
 
 def _fsync_file(path: Path) -> None:
@@ -58,18 +80,151 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _shard_stats(arrays: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Sums (not means) so that shards combine exactly in the manifest."""
-    logprobs = np.asarray(arrays["topk_logprobs"], dtype=np.float64)
-    tail = np.clip(1.0 - np.exp(logprobs).sum(axis=-1), 0.0, 1.0)
-    return {
-        "positions": int(tail.size),
-        "sequences": int(np.asarray(arrays["seq_nll"]).shape[0]),
-        "tail_mass_sum": float(tail.sum()),
-        "seq_entropy_sum": float(np.asarray(arrays["seq_entropy"], dtype=np.float64).sum()),
-        "seq_nll_sum": float(np.asarray(arrays["seq_nll"], dtype=np.float64).sum()),
-        "input_ids_sha256": hashlib.sha256(np.ascontiguousarray(arrays["input_ids"]).tobytes()).hexdigest(),
-    }
+# ------------------------------------------------------------------ what the output directory holds
+
+
+@dataclass(frozen=True)
+class DirState:
+    """What an output directory holds, as far as a build is concerned.
+
+    ``kind`` is one of: ``new`` (missing, empty, or holding only build locks), ``complete`` (a manifest),
+    ``unfinished`` (settings.json of a build that has not finished), ``setup`` (a build killed while it
+    created the metadata, before settings.json: safe to start over), ``foreign`` (anything else), ``file``.
+    """
+
+    path: Path
+    kind: str
+    manifest: dict[str, Any] | None = None
+    settings_blob: dict[str, Any] | None = None  # {"layout": ..., "settings": ...} of an unfinished build
+    problem: str | None = None  # a "complete" cache whose manifest cannot be read: why
+
+
+def _is_lock_file(path: Path) -> bool:
+    return path.name.startswith(_LOCK_FILE_PREFIX)
+
+
+def _zarr_group_is_ours(out: Path) -> bool:
+    try:
+        attributes = json.loads((out / "zarr.json").read_text()).get("attributes") or {}
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attributes, dict) and "kdcache" in attributes
+
+
+def read_dir_state(out_dir: str | os.PathLike) -> DirState:
+    """Classify ``out_dir`` without changing anything (see :class:`DirState`)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        return DirState(out, "file")
+    if not out.exists():
+        return DirState(out, "new")
+    state_dir = out / STATE_DIR
+    if (out / fmt.MANIFEST_NAME).exists():
+        try:
+            return DirState(out, "complete", manifest=fmt.load_manifest(out))
+        except fmt.CacheError as exc:
+            return DirState(out, "complete", problem=str(exc))
+    if (state_dir / _SETTINGS_NAME).exists():
+        return DirState(out, "unfinished", settings_blob=json.loads((state_dir / _SETTINGS_NAME).read_text()))
+    others = [p for p in out.iterdir() if p.name != STATE_DIR]
+    only_locks = not state_dir.exists() or all(_is_lock_file(p) for p in state_dir.iterdir())
+    if not others and only_locks:
+        return DirState(out, "new")
+    if state_dir.is_dir() and (not others or _zarr_group_is_ours(out)):
+        return DirState(out, "setup")
+    return DirState(out, "foreign")
+
+
+def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not keys:
+        return "layout differs"
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5])
+
+
+def check_existing(
+    state: DirState,
+    layout: fmt.CacheLayout | None = None,
+    settings: Mapping[str, Any] | None = None,
+    *,
+    overwrite: bool = False,
+) -> str:
+    """What a build with ``layout``/``settings`` may do with ``state``; raise BuildStateError if nothing.
+
+    Returns:
+        ``new`` (create), ``resume`` (same unfinished build), ``complete`` (same finished cache),
+        ``restart`` (wipe our own files first: ``--overwrite``, or an interrupted setup); with
+        ``layout=None`` (settings not known yet) only the checks that need no settings are made, and the
+        state's kind is returned.
+    """
+    where = str(state.path)
+    if state.kind == "file":
+        raise BuildStateError(f"output path {where!r} is a file; pass a directory path to --out")
+    if state.kind == "foreign":
+        raise BuildStateError(
+            f"{where!r} exists, is not empty and is not a kdcache cache; refusing to write into it "
+            "(nothing was changed). Choose an empty or new --out directory"
+        )
+    if state.kind in ("new", "setup") or layout is None:
+        return {"new": "new", "setup": "restart"}.get(state.kind, state.kind)
+    settings = json.loads(json.dumps(dict(settings or {}), sort_keys=True))
+    if state.kind == "complete" and state.problem is not None:
+        if overwrite:
+            return "restart"
+        raise BuildStateError(
+            f"{where!r} holds a cache whose manifest cannot be used ({state.problem}); without it the shards "
+            "cannot be checked, so pass --overwrite to build the cache again from scratch (or copy an intact "
+            "manifest.json back first)"
+        )
+    if state.kind == "complete":
+        previous = state.manifest.get("build_args") or {}
+        if previous == settings and state.manifest.get("layout") == layout_dict(layout) and not overwrite:
+            return "complete"
+        if overwrite:
+            return "restart"
+        raise BuildStateError(
+            f"{where!r} already holds a finished cache built with different settings "
+            f"({_diff(previous, settings)}); pass --overwrite to replace it, or choose another --out"
+        )
+    previous_blob = state.settings_blob or {}
+    if previous_blob == {"layout": layout_dict(layout), "settings": settings}:
+        return "resume"
+    if overwrite:
+        return "restart"
+    raise BuildStateError(
+        f"{where!r} holds an unfinished build with different settings "
+        f"({_diff(previous_blob.get('settings', {}), settings)}); rerun with the original arguments to resume "
+        "it, or pass --overwrite to start over"
+    )
+
+
+def journal_entries(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """The journal entries of the shards an unfinished build has written (empty for anything else)."""
+    entries = []
+    for path in sorted((Path(out_dir) / STATE_DIR / _JOURNAL_DIR).glob("*.json")):
+        try:
+            entries.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue  # removed by a finishing rank meanwhile
+    return entries
+
+
+def _clear_state_dir(state_dir: Path) -> None:
+    """Remove the build state except the build-lock files (held by running builds), and the directory if empty."""
+    if not state_dir.is_dir():
+        return
+    for child in state_dir.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        elif not _is_lock_file(child):
+            child.unlink(missing_ok=True)
+    try:
+        state_dir.rmdir()
+    except OSError:
+        pass  # a lock file is left: its build removes it when it ends
+
+
+# ------------------------------------------------------------------ the writer
 
 
 class CacheWriter:
@@ -83,6 +238,7 @@ class CacheWriter:
         manifest_fields: extra manifest entries (``teacher``, ``tokenizer``, ``dataset``...).
         overwrite: replace an existing cache or build with different settings.
         rank / world_size: this process's part of a multi-process build.
+        wait_for_rank0_s: how long a rank > 0 waits for rank 0 to create the metadata.
     """
 
     def __init__(
@@ -105,8 +261,11 @@ class CacheWriter:
         self.manifest_fields = dict(manifest_fields or {})
         self.rank, self.world_size = rank, world_size
         self.state_dir = self.out_dir / STATE_DIR
-        self.journal_dir = self.state_dir / "shards"
+        self.journal_dir = self.state_dir / _JOURNAL_DIR
         self.already_complete = False
+        self._repair: list[int] | None = None  # shards being rewritten in a finished cache
+        self._repaired: dict[int, dict[str, Any]] = {}
+        self.changed_shards: list[int] = []  # repaired shards whose new bytes differ from the old manifest
         if rank == 0:
             self._prepare(overwrite)
         else:
@@ -115,86 +274,55 @@ class CacheWriter:
     # ------------------------------------------------------------------ setup / resume
 
     def _settings_blob(self) -> dict[str, Any]:
-        return {"layout": _layout_dict(self.layout), "settings": self.settings}
+        return {"layout": layout_dict(self.layout), "settings": self.settings}
 
     def _prepare(self, overwrite: bool) -> None:
-        out = self.out_dir
-        if out.exists() and not out.is_dir():
-            raise BuildStateError(f"output path {str(out)!r} is a file; pass a directory path to --out")
-        if out.exists() and any(out.iterdir()):
-            manifest_path = out / fmt.MANIFEST_NAME
-            settings_path = self.state_dir / "settings.json"
-            if manifest_path.exists():
-                manifest = fmt.load_manifest(out)
-                same = manifest.get("build_args") == self.settings and manifest.get("layout") == _layout_dict(
-                    self.layout
-                )
-                if same and not overwrite:
-                    self.already_complete = True
-                    # A crash between writing the manifest and removing the build state leaves the latter.
-                    shutil.rmtree(self.state_dir, ignore_errors=True)
-                    return
-                if not overwrite:
-                    raise BuildStateError(
-                        f"{str(out)!r} already holds a finished cache built with different settings "
-                        f"({_diff(manifest.get('build_args') or {}, self.settings)}); pass --overwrite to "
-                        "replace it, or choose another --out"
-                    )
-                self._wipe()
-            elif settings_path.exists():
-                previous = json.loads(settings_path.read_text())
-                if previous == self._settings_blob():
-                    # Resume. A finalize lock left by a crash during finalize would block forever: drop it.
-                    (self.state_dir / "finalize.lock").unlink(missing_ok=True)
-                    return
-                if not overwrite:
-                    raise BuildStateError(
-                        f"{str(out)!r} holds an unfinished build with different settings "
-                        f"({_diff(previous.get('settings', {}), self.settings)}); rerun with the original "
-                        "arguments to resume it, or pass --overwrite to start over"
-                    )
-                self._wipe()
-            else:
-                raise BuildStateError(
-                    f"{str(out)!r} exists, is not empty and is not a kdcache cache; refusing to write into it "
-                    "(nothing was changed). Choose an empty or new --out directory"
-                )
-        out.mkdir(parents=True, exist_ok=True)
-        attributes = {"kdcache": {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}}
-        fmt.create_arrays(out, self.layout, attributes=attributes)
-        self.journal_dir.mkdir(parents=True, exist_ok=True)
-        # settings.json last: its presence means "metadata complete, shards may be written".
-        atomic_write_bytes(self.state_dir / "settings.json", fmt.manifest_bytes(self._settings_blob()))
+        action = check_existing(read_dir_state(self.out_dir), self.layout, self.settings, overwrite=overwrite)
+        if action == "complete":
+            self.already_complete = True
+            # A crash between writing the manifest and removing the build state leaves the latter.
+            _clear_state_dir(self.state_dir)
+            return
+        if action == "resume":
+            return
+        if action == "restart":
+            self._wipe()
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            attributes = {"kdcache": {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}}
+            fmt.create_arrays(self.out_dir, self.layout, attributes=attributes)
+            self.journal_dir.mkdir(parents=True, exist_ok=True)
+            # settings.json last: its presence means "metadata complete, shards may be written".
+            atomic_write_bytes(self.state_dir / _SETTINGS_NAME, fmt.manifest_bytes(self._settings_blob()))
+        except OSError as exc:
+            if space.is_out_of_space(exc):
+                raise space.out_of_space_error(self.out_dir, self.layout, [], "creating the cache metadata") from exc
+            raise
 
     def _wipe(self) -> None:
         """Remove a previous cache's files (only ever called on a directory known to be a kdcache cache)."""
         for child in self.out_dir.iterdir():
-            if child.is_dir() and not child.is_symlink():
+            if child.name == STATE_DIR and child.is_dir():
+                _clear_state_dir(child)
+            elif child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
             else:
                 child.unlink()
 
-    def _wait_for_manifest(self, timeout_s: float = 600.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while not (self.out_dir / fmt.MANIFEST_NAME).exists():
-            if time.monotonic() > deadline:
-                raise BuildStateError(f"another process is finalizing {str(self.out_dir)!r} but wrote no manifest "
-                                      f"within {timeout_s}s; rerun the build to finish it")
-            time.sleep(0.1)
-        return fmt.load_manifest(self.out_dir)
-
     def _wait_for_state(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        settings_path = self.state_dir / "settings.json"
+        settings_path = self.state_dir / _SETTINGS_NAME
         while not settings_path.exists():
             if (self.out_dir / fmt.MANIFEST_NAME).exists():
                 self.already_complete = True
                 return
             if time.monotonic() > deadline:
-                raise BuildStateError(f"rank {self.rank}: rank 0 did not create {settings_path} within {timeout_s}s")
+                raise BuildStateError(f"rank {self.rank}: rank 0 did not create {settings_path} within {timeout_s}s; "
+                                      "start rank 0 of this build (or rerun it) first")
             time.sleep(0.2)
         if json.loads(settings_path.read_text()) != self._settings_blob():
-            raise BuildStateError(f"rank {self.rank}: settings differ from rank 0's build in {str(self.out_dir)!r}")
+            raise BuildStateError(f"rank {self.rank}: settings differ from rank 0's build in {str(self.out_dir)!r}; "
+                                  "run every rank with the same arguments")
 
     # ------------------------------------------------------------------ shards
 
@@ -204,135 +332,140 @@ class CacheWriter:
     def completed_shards(self) -> set[int]:
         if self.already_complete:
             return set(range(self.layout.num_shards))
-        done = set()
-        for path in self.journal_dir.glob("*.json"):
-            try:
-                done.add(int(path.stem))
-            except ValueError:
-                continue
-        return done
+        if self._repair is not None:
+            return set(range(self.layout.num_shards)) - set(self.pending_shards())
+        return {int(p.stem) for p in self.journal_dir.glob("*.json") if p.stem.isdigit()}
 
     def pending_shards(self) -> list[int]:
         """Shards this rank still has to write, in order."""
         if self.already_complete:
             return []
+        if self._repair is not None:
+            return [i for i in self._repair if i % self.world_size == self.rank and i not in self._repaired]
         done = self.completed_shards()
         return [i for i in range(self.layout.num_shards) if i % self.world_size == self.rank and i not in done]
 
+    def begin_repair(self, shards: list[int]) -> None:
+        """Rewrite ``shards`` of this finished cache (their files are damaged or missing).
+
+        The manifest stays the record while the shards are rewritten: a killed repair is simply redone
+        by the next run. :meth:`finalize` then keeps the manifest byte for byte when the new files have
+        the checksums it lists (the normal case: shards are deterministic), and otherwise rewrites it.
+        """
+        self.already_complete = False
+        self._repair = sorted(set(shards))
+
+    def _discard_shard(self, shard_index: int) -> None:
+        """Delete whatever a failed write of ``shard_index`` left, so that nothing half-written remains."""
+        for spec in self.layout.arrays():
+            path = self.out_dir / fmt.shard_relpath(spec.name, shard_index, 1 + len(spec.trailing_shape))
+            path.unlink(missing_ok=True)
+            for leftover in path.parent.glob(f"{path.name}.*.partial") if path.parent.exists() else ():
+                leftover.unlink(missing_ok=True)
+
     def write_shard(self, shard_index: int, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Write shard ``shard_index`` of every array, fsync, then journal it. Returns the journal entry."""
+        """Write shard ``shard_index`` of every array, fsync, then journal it. Returns the journal entry.
+
+        Raises:
+            space.OutOfSpaceError: the filesystem filled up; the shard's files are removed, not journaled.
+        """
         if shard_index % self.world_size != self.rank:
             raise ValueError(f"rank {self.rank} must not write shard {shard_index} (world_size {self.world_size})")
-        checksums = fmt.write_shard(self.out_dir, self.layout, shard_index, arrays)
-        for spec in self.layout.arrays():
-            _fsync_file(self.out_dir / fmt.shard_relpath(spec.name, shard_index, 1 + len(spec.trailing_shape)))
-        entry = {"shard": shard_index, "files": checksums, "stats": _shard_stats(arrays)}
-        atomic_write_bytes(self._journal_path(shard_index), fmt.manifest_bytes(entry))
+        try:
+            checksums = fmt.write_shard(self.out_dir, self.layout, shard_index, arrays)
+            for spec in self.layout.arrays():
+                _fsync_file(self.out_dir / fmt.shard_relpath(spec.name, shard_index, 1 + len(spec.trailing_shape)))
+            entry = {"shard": shard_index, "files": checksums, "stats": shard_stats(arrays)}
+            if self._repair is None:
+                atomic_write_bytes(self._journal_path(shard_index), fmt.manifest_bytes(entry))
+        except Exception as exc:
+            if not space.is_out_of_space(exc):
+                raise
+            self._discard_shard(shard_index)
+            written = journal_entries(self.out_dir) + list(self._repaired.values())
+            raise space.out_of_space_error(self.out_dir, self.layout, written, f"writing shard {shard_index}") from exc
+        if self._repair is not None:
+            self._repaired[shard_index] = entry
         return entry
 
     # ------------------------------------------------------------------ finish
 
+    @property
+    def repairing(self) -> bool:
+        """Whether this writer rewrites damaged shards of a finished cache (see :meth:`begin_repair`)."""
+        return self._repair is not None
+
+    @property
+    def repaired_shards(self) -> list[int]:
+        """The shards a repair has rewritten so far."""
+        return sorted(self._repaired)
+
     def is_complete(self) -> bool:
         return len(self.completed_shards()) == self.layout.num_shards
 
-    def finalize(self, extra_fields: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    def finalize(self) -> dict[str, Any] | None:
         """Write manifest.json if every shard is journaled; return it (None if shards are missing)."""
+        if self._repair is not None:
+            return self._finish_repair()
         manifest_path = self.out_dir / fmt.MANIFEST_NAME
         if self.already_complete or manifest_path.exists():
             return fmt.load_manifest(self.out_dir)
         if not self.is_complete():
             # Another rank may have finalized (and removed the journal) between the two checks.
             return fmt.load_manifest(self.out_dir) if manifest_path.exists() else None
-        # Several ranks may see "all shards journaled" at once: one writes the manifest, the others wait for it.
-        lock = self.state_dir / "finalize.lock"
+        # Several ranks may see "all shards journaled" at once: the first to take this lock writes the
+        # manifest, the others find it when they get the lock. The kernel drops the lock of a killed process.
+        fd = os.open(self.state_dir / "finalize.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except (FileExistsError, FileNotFoundError):
-            return self._wait_for_manifest()
-        layout = self.layout
-        entries = [json.loads(self._journal_path(i).read_text()) for i in range(layout.num_shards)]
-        shards = {
-            spec.name: [entry["files"][spec.name] for entry in entries] for spec in layout.arrays()
-        }
-        positions = sum(e["stats"]["positions"] for e in entries)
-        sequences = sum(e["stats"]["sequences"] for e in entries)
-        dataset_hash = hashlib.sha256("".join(e["stats"]["input_ids_sha256"] for e in entries).encode()).hexdigest()
-        stored_bytes = sum(f["nbytes"] for files in shards.values() for f in files)
-        manifest: dict[str, Any] = {
-            "format": fmt.FORMAT_NAME,
-            "format_version": fmt.FORMAT_VERSION,
-            "tool_version": _tool_version(),
-            "created_at": _created_at(),
-            "alignment": fmt.ALIGNMENT_CONVENTION,
-            "num_sequences": layout.num_sequences,
-            "seq_len": layout.seq_len,
-            "topk": layout.topk,
-            "vocab_size": layout.vocab_size,
-            "temperatures": list(layout.temperatures),
-            "shard_seqs": layout.shard_seqs,
-            "chunk_seqs": layout.chunk_seqs,
-            "num_shards": layout.num_shards,
-            "codec": layout.codec,
-            "layout": _layout_dict(layout),
-            "arrays": {
-                spec.name: {"shape": list(spec.shape(layout.num_sequences)), "dtype": spec.dtype.name}
-                for spec in layout.arrays()
-            },
-            "shards": shards,
-            "build_args": self.settings,
-            "dataset_fingerprint": "sha256:" + dataset_hash,
-            "stats": {
-                "tokens": positions,
-                "stored_bytes": stored_bytes,
-                "bytes_per_token": stored_bytes / positions,
-                "mean_tail_mass": sum(e["stats"]["tail_mass_sum"] for e in entries) / positions,
-                "mean_entropy": sum(e["stats"]["seq_entropy_sum"] for e in entries) / sequences,
-                "mean_nll": sum(e["stats"]["seq_nll_sum"] for e in entries) / sequences,
-            },
-        }
-        manifest.update(self.manifest_fields)
-        manifest.update(extra_fields or {})
-        atomic_write_bytes(self.out_dir / fmt.MANIFEST_NAME, fmt.manifest_bytes(manifest))
-        shutil.rmtree(self.state_dir, ignore_errors=True)
-        return manifest
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if manifest_path.exists():
+                return fmt.load_manifest(self.out_dir)
+            entries = sorted(journal_entries(self.out_dir), key=lambda e: int(e["shard"]))
+            manifest = manifest_from_entries(self.layout, self.settings, self.manifest_fields, entries)
+            self._write_manifest(manifest)
+            _clear_state_dir(self.state_dir)
+            return manifest
+        finally:
+            os.close(fd)
 
+    def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        try:
+            atomic_write_bytes(self.out_dir / fmt.MANIFEST_NAME, fmt.manifest_bytes(manifest))
+        except OSError as exc:
+            if space.is_out_of_space(exc):
+                written = journal_entries(self.out_dir) or list(self._repaired.values())
+                raise space.out_of_space_error(self.out_dir, self.layout, written, "writing the manifest") from exc
+            raise
 
-def _layout_dict(layout: fmt.CacheLayout) -> dict[str, Any]:
-    return {
-        "num_sequences": layout.num_sequences,
-        "seq_len": layout.seq_len,
-        "topk": layout.topk,
-        "vocab_size": layout.vocab_size,
-        "temperatures": list(layout.temperatures),
-        "logprob_dtype": layout.logprob_dtype,
-        "shard_seqs": layout.shard_seqs,
-        "chunk_seqs": layout.chunk_seqs,
-        "codec": layout.codec,
-    }
+    def _finish_repair(self) -> dict[str, Any]:
+        """The manifest after a repair: unchanged when every rewritten file has its old checksum."""
+        manifest = fmt.load_manifest(self.out_dir)
+        self.changed_shards = sorted(
+            i for i, entry in self._repaired.items()
+            if any(entry["files"][name] != manifest["shards"][name][i] for name in entry["files"])
+        )
+        if not self.changed_shards:
+            return manifest
+        if self.world_size > 1:
+            raise BuildStateError(
+                f"shards {self.changed_shards} of {str(self.out_dir)!r} were rebuilt with other bytes than the "
+                "manifest records (the teacher's output depends on --batch-size or --device), so the manifest "
+                "must be rewritten from every shard: rerun this command as one process, without --rank and "
+                "--world-size"
+            )
+        entries = [self._repaired.get(i) or self._entry_from_disk(i, manifest) for i in range(self.layout.num_shards)]
+        fields = {k: v for k, v in manifest.items() if k in self.manifest_fields}
+        new_manifest = manifest_from_entries(self.layout, self.settings, fields, entries)
+        self._write_manifest(new_manifest)
+        return new_manifest
 
-
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not keys:
-        return "layout differs"
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5])
-
-
-def _created_at() -> str:
-    """UTC creation time; honours SOURCE_DATE_EPOCH so builds can be byte-for-byte reproducible."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    when = (
-        _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc)
-        if epoch and epoch.isdigit()
-        else _dt.datetime.now(_dt.timezone.utc)
-    )
-    return when.replace(microsecond=0).isoformat()
-
-
-def _tool_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("kdcache")
-    except Exception:
-        return "0.1.0"
+    def _entry_from_disk(self, shard_index: int, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """The journal entry of an intact shard, its statistics decoded from its files."""
+        specs = {spec.name: spec for spec in self.layout.arrays()}
+        arrays = {}
+        for name in STATS_ARRAYS:
+            spec = specs[name]
+            path = self.out_dir / fmt.shard_relpath(name, shard_index, 1 + len(spec.trailing_shape))
+            arrays[name] = fmt.decode_shard(path.read_bytes(), spec, self.layout, shard_index)
+        files = {name: manifest["shards"][name][shard_index] for name in specs}
+        return {"shard": shard_index, "files": files, "stats": shard_stats(arrays)}

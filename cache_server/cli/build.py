@@ -1,12 +1,21 @@
-"""`kdcache build`: run a teacher over token data and write a crash-safe, resumable top-k logit cache."""
+"""``kdcache build``: run a teacher over token data and write a crash-safe, resumable top-k logit cache."""
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-__all__ = ["register", "run"]
+__all__ = ["register", "run", "user_errors"]
+
+DESCRIPTION = """\
+Run a teacher over token data and write a crash-safe, resumable top-k logit cache.
+
+Rerunning the same command continues an interrupted build (the result is bitwise identical to an
+uninterrupted build with the same --batch-size); on a finished cache it re-verifies every shard against
+the manifest (size and sha256) and rebuilds only the damaged or missing ones, or reports that there is
+nothing to do. A rerun with other settings is refused unless --overwrite. Only one build may write a
+directory (per --rank): a second one stops at once with an error.
+"""
 
 EPILOG = """\
 examples:
@@ -17,8 +26,8 @@ examples:
   kdcache build --teacher ./teacher --data train.bin --data-dtype uint16 --topk 64 --seq-len 1024 \\
       --temperatures 2,4 --dtype bfloat16 --device cuda --batch-size 16 --out ./cache
 
-  # text with the teacher's tokenizer; quick try on 100 sequences
-  kdcache build --teacher ./teacher --data docs.jsonl --tokenizer ./teacher --topk 32 --seq-len 512 \\
+  # text with the teacher's tokenizer, one document per paragraph; quick try on 100 sequences
+  kdcache build --teacher ./teacher --data docs.txt --text-documents blank-line --topk 32 --seq-len 512 \\
       --max-sequences 100 --out ./cache-try
 
   # custom model: safetensors state dict + a factory that builds the nn.Module
@@ -28,10 +37,16 @@ examples:
   # 4 GPUs: one process per rank (or set RANK / WORLD_SIZE); the last rank to finish writes the manifest
   for r in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$r kdcache build ... --rank $r --world-size 4 --device cuda & done
 
-Rerunning the same command after a crash resumes it (the result is bitwise identical to an uninterrupted
-build with the same --batch-size); a rerun with other settings is refused unless --overwrite.
-Data: .npy (1-D or 2-D), .bin (--data-dtype), .parquet, .arrow/.feather, datasets.save_to_disk directory
-(column input_ids), .txt / .jsonl ("text" field, with --tokenizer). Exit code 2 on bad input.
+Data: .npy (1-D or 2-D), .bin (--data-dtype), .parquet, .arrow/.feather or a datasets.save_to_disk
+directory (column input_ids, or a string column text tokenized one row per document), .txt (see
+--text-documents) and .jsonl (the "text" field of each line is one document), tokenized with --tokenizer.
+Each document is tokenized as one text; documents are joined with the tokenizer's EOS token, which
+appears only between documents.
+
+Before starting, the build checks that the output filesystem has room for the estimated cache size
+(--no-space-check skips this); if the disk fills up anyway, it stops with an error that says how much
+is needed, and rerunning the command after freeing space resumes it.
+Exit status: 0 success, 2 bad input or a state of the output directory that needs you, 1 internal error.
 """
 
 
@@ -52,20 +67,22 @@ def _temperatures(text: str) -> tuple[float, ...]:
 
 def register(subparsers) -> argparse.ArgumentParser:
     from cache_server import format as fmt
+    from cache_server.build.sources import TEXT_DOCUMENT_MODES
 
     p = subparsers.add_parser(
         "build",
         help="run a teacher over token data and write a top-k logit cache",
-        description=__doc__.split(":", 1)[1].strip(),
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     req = p.add_argument_group("required")
     req.add_argument("--teacher", required=True, metavar="CKPT",
                      help="transformers model directory (safetensors), or a .safetensors state dict with --model-factory")
-    req.add_argument("--data", required=True, metavar="PATH", help="token data (see formats below)")
+    req.add_argument("--data", required=True, metavar="PATH", help="token data or text (see the formats below)")
     req.add_argument("--topk", required=True, type=int, metavar="K", help="top-k entries kept per position")
-    req.add_argument("--seq-len", required=True, type=int, metavar="T", help="positions per sequence")
+    req.add_argument("--seq-len", required=True, type=int, metavar="T",
+                     help="positions per sequence (at most the teacher's maximum positions)")
     req.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if unfinished)")
 
     t = p.add_argument_group("teacher")
@@ -73,10 +90,15 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="function returning the nn.Module for a bare safetensors state dict")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="teacher compute dtype (top-k/logsumexp are always fp32); default float32")
-    t.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default cpu)")
+    t.add_argument("--device", default="cpu",
+                   help="torch device, e.g. cpu, cuda, cuda:1 or mps; checked before anything runs (default cpu)")
 
     d = p.add_argument_group("data")
-    d.add_argument("--tokenizer", metavar="DIR", help="tokenizer.json directory for .txt/.jsonl (default: the teacher's)")
+    d.add_argument("--tokenizer", metavar="DIR",
+                   help="directory with tokenizer.json for text data (default: the teacher directory's own)")
+    d.add_argument("--text-documents", default="file", choices=TEXT_DOCUMENT_MODES,
+                   help="what one document of a .txt file is: file, the whole file (default); blank-line, "
+                   "each run of non-blank lines; line, each non-blank line")
     d.add_argument("--data-dtype", choices=["uint16", "uint32"], help="dtype of a raw .bin token stream (default uint16)")
     d.add_argument("--max-sequences", type=int, metavar="N", help="use only the first N sequences (quick runs)")
 
@@ -86,8 +108,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--logprob-dtype", default="float16", choices=["float16", "float32"], help="default float16")
     c.add_argument("--codec", default=fmt.DEFAULT_CODEC, choices=sorted(fmt.CODEC_PRESETS),
                    help=f"compression preset (default {fmt.DEFAULT_CODEC})")
-    c.add_argument("--shard-seqs", type=int, metavar="S", help="sequences per shard (default: plan_chunking)")
-    c.add_argument("--chunk-seqs", type=int, metavar="C", help="sequences per inner chunk (default: plan_chunking)")
+    c.add_argument("--shard-seqs", type=int, metavar="S",
+                   help="sequences per shard (default: shards of about 32 MiB of top-k ids, at most all sequences)")
+    c.add_argument("--chunk-seqs", type=int, metavar="C",
+                   help="sequences per inner compression chunk (default: about 1 MiB of top-k ids)")
 
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=8, metavar="B", help="sequences per forward (default 8)")
@@ -95,18 +119,28 @@ def register(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--rank", type=int, default=_env_int("RANK", 0), help="this process's rank (default $RANK or 0)")
     r.add_argument("--world-size", type=int, default=_env_int("WORLD_SIZE", 1),
                    help="number of build processes (default $WORLD_SIZE or 1)")
+    r.add_argument("--no-space-check", action="store_true",
+                   help="start even if the estimated cache size exceeds the free space of the output filesystem")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, user_errors=user_errors)
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    from cache_server import format as fmt
-    from cache_server.build.job import BuildInputError, BuildOptions, run_build
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input or an output directory that needs the user (CacheError is always one)."""
+    from cache_server.build.options import BuildInputError
     from cache_server.build.sources import DataError
     from cache_server.build.teacher import TeacherError
+    from cache_server.format.build_lock import BuildLockedError
 
-    opts = BuildOptions(
+    return (BuildInputError, DataError, TeacherError, BuildLockedError)
+
+
+def run(args: argparse.Namespace) -> int:
+    from cache_server.build.job import run_build
+    from cache_server.build.options import BuildOptions
+
+    run_build(BuildOptions(
         teacher=args.teacher,
         data=args.data,
         out=args.out,
@@ -115,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         model_factory=args.model_factory,
         tokenizer=args.tokenizer,
         data_dtype=args.data_dtype,
+        text_documents=args.text_documents,
         temperatures=tuple(args.temperatures),
         dtype=args.dtype,
         device=args.device,
@@ -128,10 +163,6 @@ def run(args: argparse.Namespace) -> int:
         world_size=args.world_size,
         max_sequences=args.max_sequences,
         progress=not args.no_progress,
-    )
-    try:
-        run_build(opts)
-    except (BuildInputError, DataError, TeacherError, fmt.CacheError) as exc:
-        print(f"kdcache build: error: {exc}", file=sys.stderr)
-        return 2
+        space_check=not args.no_space_check,
+    ))
     return 0

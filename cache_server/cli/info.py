@@ -1,35 +1,51 @@
-"""`kdcache info DIR [--json]`: what a cache holds and what it costs on disk.
-
-Examples::
-
-    kdcache info ./cache
-    kdcache info ./cache --json | jq .stats.bytes_per_token
-"""
+"""``kdcache info DIR [--json]``: what a cache holds, what it costs on disk, and the command that built it."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
+import shlex
+from typing import Any, Mapping
 
 from cache_server import format as fmt
 
-__all__ = ["register", "run", "summarize"]
+__all__ = ["register", "run", "user_errors", "summarize", "build_command"]
+
+DESCRIPTION = """\
+Print a cache's contents (sequences, top-k, vocabulary, temperatures, shards), its size on disk, the
+teacher's statistics, and the kdcache build command that made it. Rerunning that command resumes an
+unfinished build and repairs damaged or missing shards.
+"""
+
+EPILOG = """\
+examples:
+  kdcache info ./cache
+  kdcache info ./cache --json | jq .summary.bytes_per_token
+"""
+
+# Build options whose value equals kdcache build's default are left out of the printed command.
+_DEFAULTS = {"compute_dtype": "float32", "logprob_dtype": "float16", "codec": fmt.DEFAULT_CODEC}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "info",
-        help="print a cache's manifest summary, sizes and teacher statistics",
-        description=__doc__,
+        help="print a cache's contents, size, teacher statistics and build command",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("cache_dir", metavar="DIR", help="cache directory")
     parser.add_argument("--json", action="store_true", help="print the full manifest plus a summary as JSON")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, user_errors=user_errors)
 
 
-def summarize(manifest: dict) -> dict:
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (besides CacheError, which the CLI always treats so)."""
+    return ()
+
+
+def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The few numbers people ask about first."""
     stats = manifest.get("stats", {})
     return {
@@ -48,15 +64,71 @@ def summarize(manifest: dict) -> dict:
     }
 
 
+def build_command(manifest: Mapping[str, Any], cache_dir: str) -> str | None:
+    """The ``kdcache build`` command line that made this cache, or None when the manifest cannot tell.
+
+    A manifest that records the command (``build_command``, a list of arguments) is printed as recorded;
+    otherwise the command is reconstructed from the teacher, dataset and build settings it records.
+    """
+    recorded = manifest.get("build_command")
+    if isinstance(recorded, list) and all(isinstance(a, str) for a in recorded):
+        return shlex.join(recorded)
+    teacher, dataset = manifest.get("teacher") or {}, manifest.get("dataset") or {}
+    settings = manifest.get("build_args") or {}
+    if not teacher.get("path") or not dataset.get("source"):
+        return None  # not built by `kdcache build` (e.g. written directly through the writer)
+    argv = ["kdcache", "build", "--teacher", str(teacher["path"])]
+    if teacher.get("factory"):
+        argv += ["--model-factory", str(teacher["factory"])]
+    argv += ["--data", str(dataset["source"])]
+    tokenizer = manifest.get("tokenizer") or {}
+    if tokenizer.get("path"):
+        argv += ["--tokenizer", str(tokenizer["path"])]
+    argv += ["--topk", str(manifest["topk"]), "--seq-len", str(manifest["seq_len"]), "--out", cache_dir]
+    if manifest.get("temperatures"):
+        argv += ["--temperatures", ",".join(f"{t:g}" for t in manifest["temperatures"])]
+    for key, option in (("compute_dtype", "--dtype"), ("logprob_dtype", "--logprob-dtype"), ("codec", "--codec")):
+        value = settings.get(key, manifest.get(key))
+        if value is not None and value != _DEFAULTS[key]:
+            argv += [option, str(value)]
+    argv += ["--shard-seqs", str(manifest["shard_seqs"]), "--chunk-seqs", str(manifest["chunk_seqs"])]
+    used, available = dataset.get("sequences_used"), dataset.get("sequences_available")
+    if isinstance(used, int) and isinstance(available, int) and used < available:
+        argv += ["--max-sequences", str(used)]
+    return shlex.join(argv)
+
+
+def _stats_lines(summary: Mapping[str, Any]) -> list[str]:
+    lines = []
+    if summary["stored_bytes"] is not None and summary["bytes_per_token"] is not None:
+        lines.append(f"on disk          {summary['stored_bytes'] / 2**20:,.2f} MiB, "
+                     f"{summary['bytes_per_token']:.1f} bytes/token")
+    if summary["mean_tail_mass"] is not None:
+        lines.append(f"teacher tail     mean mass outside top-{summary['topk']}: {summary['mean_tail_mass']:.4f}")
+    if summary["mean_entropy"] is not None and summary["mean_nll"] is not None:
+        lines.append(f"teacher entropy  {summary['mean_entropy']:.4f} nats/position; "
+                     f"NLL {summary['mean_nll']:.4f} nats/token")
+    return lines
+
+
+def _settings_text(settings: Mapping[str, Any]) -> str:
+    parts = []
+    for key in sorted(settings):
+        value = settings[key]
+        if key == "teacher" and isinstance(value, Mapping):
+            value = {k: v for k, v in value.items() if k != "weights_sha256"}  # per-file hashes: see --json
+        parts.append(f"{key}={json.dumps(value, sort_keys=True)}")
+    return ", ".join(parts) or "(none recorded)"
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        manifest = fmt.load_manifest(args.cache_dir)
-    except fmt.CacheError as exc:
-        print(f"kdcache info: {exc}", file=sys.stderr)
-        return 2
+    """Print the summary (or, with --json, the summary, the build command and the whole manifest)."""
+    manifest = fmt.load_manifest(args.cache_dir)
     summary = summarize(manifest)
+    command = build_command(manifest, args.cache_dir)
     if args.json:
-        print(json.dumps({"summary": summary, "manifest": manifest}, indent=2, sort_keys=True))
+        print(json.dumps({"summary": summary, "build_command": command, "manifest": manifest},
+                         indent=2, sort_keys=True))
         return 0
     teacher = manifest.get("teacher") or {}
     dataset = manifest.get("dataset") or {}
@@ -74,12 +146,9 @@ def run(args: argparse.Namespace) -> int:
         f"temperatures     {', '.join(f'{t:g}' for t in summary['temperatures'])}",
         f"shards           {summary['shards']} x {manifest['shard_seqs']} sequences "
         f"(inner chunks of {manifest['chunk_seqs']}), codec {manifest.get('codec')}",
+        *_stats_lines(summary),
+        f"build settings   {_settings_text(manifest.get('build_args') or {})}",
+        f"build command    {command or '(not recorded: the cache was not made by kdcache build)'}",
     ]
-    if summary["stored_bytes"] is not None:
-        lines += [
-            f"on disk          {summary['stored_bytes'] / 2**20:,.2f} MiB, {summary['bytes_per_token']:.1f} bytes/token",
-            f"teacher tail     mean mass outside top-{summary['topk']}: {summary['mean_tail_mass']:.4f}",
-            f"teacher entropy  {summary['mean_entropy']:.4f} nats/position; NLL {summary['mean_nll']:.4f} nats/token",
-        ]
     print("\n".join(lines))
     return 0

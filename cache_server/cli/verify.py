@@ -1,13 +1,4 @@
-"""`kdcache verify DIR`: check every shard against the manifest (size, sha256, decodability).
-
-Exit status 0 when the cache is intact, 1 when any shard is damaged or missing (each one is named), 2 when
-DIR is not a readable cache.
-
-Examples::
-
-    kdcache verify ./cache
-    kdcache verify ./cache --quick   # sizes and checksums only, no decoding
-"""
+"""``kdcache verify DIR``: check every stored shard against the manifest, and optionally every decoded copy."""
 
 from __future__ import annotations
 
@@ -18,71 +9,139 @@ from pathlib import Path
 
 from cache_server import format as fmt
 
-__all__ = ["register", "run", "verify_cache"]
+__all__ = ["register", "run", "user_errors", "verify_cache", "verify_decoded", "VerifyInputError"]
+
+EXIT_DAMAGED = 1
+
+DESCRIPTION = """\
+Check every stored shard of a cache against its manifest: size, sha256 and (unless --quick) that it
+decodes. With --decoded, also check every decoded copy of the cache that readers have made under the
+decode directory (the local uncompressed copies training reads from).
+
+Exit status: 0 when everything checked is intact, 1 when a shard or decoded copy is damaged or missing
+(each one is named), 2 when DIR is not a readable cache. To repair damaged or missing shards, rerun the
+kdcache build command that made the cache (kdcache info DIR prints it); a damaged decoded copy is made
+again from the stored shard the next time a reader needs it.
+"""
+
+EPILOG = """\
+examples:
+  kdcache verify ./cache
+  kdcache verify ./cache --quick                  # sizes and checksums only, no decoding
+  kdcache verify ./cache --decoded                # also the decoded copies under $KDCACHE_DECODE_DIR
+  kdcache verify ./cache --decode-dir /scratch/kd # decoded copies under another decode directory
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "verify",
-        help="check every shard against its checksum and the manifest's shapes",
-        description=__doc__,
+        help="check every shard (and with --decoded every decoded copy) against the manifest",
+        description=DESCRIPTION,
+        epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("cache_dir", metavar="DIR", help="cache directory")
     parser.add_argument("--quick", action="store_true", help="skip decoding (sizes and sha256 only)")
+    parser.add_argument("--decoded", action="store_true",
+                        help="also check the decoded copies of this cache (default decode directory: "
+                        "$KDCACHE_DECODE_DIR or ~/.cache/kdcache/decoded)")
+    parser.add_argument("--decode-dir", type=Path, default=None, metavar="D",
+                        help="decode directory whose copies to check (implies --decoded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, user_errors=user_errors)
+
+
+class VerifyInputError(ValueError):
+    """An option of ``kdcache verify`` is unusable (e.g. --decode-dir names a file)."""
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input (besides CacheError, which the CLI always treats so)."""
+    return (VerifyInputError,)
 
 
 def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = False) -> list[str]:
-    """Return one message per damaged or missing shard (empty when the cache is intact)."""
+    """Check every stored shard the manifest lists; return one message per damaged or missing shard.
+
+    Args:
+        cache_dir: the cache directory.
+        decode: also decode each shard, proving its bytes are a well-formed shard of the manifest's layout
+            and not only the bytes the manifest recorded; False checks sizes and sha256 only.
+        progress: show a progress bar.
+
+    Returns:
+        Problem messages, ``"array 'lse' shard 2 (PATH): <reason>"``; empty when the cache is intact.
+
+    Raises:
+        CacheError: the directory is not a readable, finished cache (its manifest is checked in full).
+    """
     manifest = fmt.load_manifest(cache_dir)
     layout = fmt.layout_from_manifest(manifest)
     specs = {spec.name: spec for spec in layout.arrays()}
-    problems: list[str] = []
-    for name, spec in specs.items():
-        want_shape = list(spec.shape(layout.num_sequences))
-        have = manifest["arrays"].get(name)
-        if have is None or have.get("shape") != want_shape or have.get("dtype") != spec.dtype.name:
-            problems.append(f"array {name!r}: manifest says {have}, layout implies shape {want_shape} {spec.dtype.name}")
-        if len(manifest["shards"].get(name, [])) != layout.num_shards:
-            problems.append(f"array {name!r}: manifest lists {len(manifest['shards'].get(name, []))} shards, "
-                            f"expected {layout.num_shards}")
     items = list(fmt.iter_shard_files(cache_dir, manifest))
-    iterator = items
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(items, desc="verifying", unit="shard")
-    for name, index, path in iterator:
+        items = tqdm(items, desc="verifying", unit="shard")
+    problems: list[str] = []
+    for name, index, path in items:
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
-            problems.append(f"array {name!r} shard {index}: file {path} is missing")
+            problems.append(f"array {name!r} shard {index} ({path}): the shard file is missing")
+            continue
+        except OSError as exc:
+            problems.append(f"array {name!r} shard {index} ({path}): cannot be read ({exc.strerror or exc})")
             continue
         try:
-            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index)
-            if decode and name in specs:
+            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=str(path))
+            if decode:
                 fmt.decode_shard(raw, specs[name], layout, index)
         except fmt.CorruptShardError as exc:
-            problems.append(f"array {name!r} shard {index} ({path}): {str(exc).split(': ', 2)[-1].split('. Rebuild')[0]}")
+            problems.append(f"array {exc.array!r} shard {exc.shard_index} ({path}): {exc.reason}")
     return problems
 
 
+def verify_decoded(cache_dir: str | Path, decode_root: Path | None = None) -> tuple[Path, list[str]]:
+    """The decode root checked, and one message per damaged decoded copy of the cache under it.
+
+    Args:
+        cache_dir: the cache directory.
+        decode_root: the decode root readers used (default: theirs, ``$KDCACHE_DECODE_DIR`` or
+            ``~/.cache/kdcache/decoded``). A root that does not exist holds no copies: nothing is damaged.
+
+    Raises:
+        VerifyInputError: ``decode_root`` exists but is not a directory.
+    """
+    from cache_server.format.decoded import default_decode_root, verify_decoded_copies
+
+    root = Path(decode_root) if decode_root is not None else default_decode_root()
+    if root.exists() and not root.is_dir():
+        raise VerifyInputError(f"--decode-dir {str(root)!r} is a file, not a decode directory; pass the "
+                               "directory readers decode into (their decode_dir, or $KDCACHE_DECODE_DIR)")
+    return root, list(verify_decoded_copies(Path(cache_dir), root))
+
+
 def run(args: argparse.Namespace) -> int:
+    """Verify the cache; exit status 0 intact, 1 damaged (each problem named on stderr)."""
     started = time.perf_counter()
-    try:
-        problems = verify_cache(args.cache_dir, decode=not args.quick, progress=not args.no_progress)
-    except fmt.CacheError as exc:
-        print(f"kdcache verify: {exc}", file=sys.stderr)
-        return 2
+    manifest = fmt.load_manifest(args.cache_dir)
+    problems = verify_cache(args.cache_dir, decode=not args.quick, progress=not args.no_progress)
+    n_files = sum(len(entries) for entries in manifest["shards"].values())
+    check_decoded = args.decoded or args.decode_dir is not None
+    decode_root, decoded_problems = verify_decoded(args.cache_dir, args.decode_dir) if check_decoded else (None, [])
     elapsed_s = time.perf_counter() - started
-    if problems:
-        print(f"kdcache verify: {args.cache_dir} is DAMAGED ({len(problems)} problem(s)):", file=sys.stderr)
+    if problems or decoded_problems:
+        total = len(problems) + len(decoded_problems)
+        print(f"kdcache verify: {args.cache_dir} is DAMAGED ({total} problem(s)):", file=sys.stderr)
         for line in problems:
             print(f"  {line}", file=sys.stderr)
-        return 1
-    manifest = fmt.load_manifest(args.cache_dir)
-    n_files = sum(len(v) for v in manifest["shards"].values())
-    print(f"kdcache verify: {args.cache_dir} OK ({n_files} shard files checked in {elapsed_s:.2f}s)")
+        for line in decoded_problems:
+            print(f"  {line}", file=sys.stderr)
+        if problems:
+            print(f"  repair: {fmt.REPAIR_HINT}", file=sys.stderr)
+        return EXIT_DAMAGED
+    decoded_note = f", and every decoded copy under {decode_root}" if check_decoded else ""
+    print(f"kdcache verify: {args.cache_dir} OK ({n_files} shard files checked{decoded_note} in {elapsed_s:.2f}s)")
     return 0

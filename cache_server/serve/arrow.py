@@ -1,4 +1,4 @@
-"""Rows of a cache as an Arrow IPC stream (``application/vnd.apache.arrow.stream``).
+"""Rows of a cache as an Arrow IPC stream (media type ``cache_server.format.wire.ARROW_STREAM_MEDIA_TYPE``).
 
 Shape notation::
 
@@ -26,9 +26,7 @@ import pyarrow as pa
 
 from cache_server import format as fmt
 
-__all__ = ["ARROW_STREAM_MEDIA_TYPE", "arrow_schema", "record_batch", "stream_rows"]
-
-ARROW_STREAM_MEDIA_TYPE = "application/vnd.apache.arrow.stream"
+__all__ = ["arrow_schema", "record_batch", "stream_rows"]
 
 
 def _arrow_type(spec: fmt.ArraySpec) -> pa.DataType:
@@ -39,6 +37,7 @@ def _arrow_type(spec: fmt.ArraySpec) -> pa.DataType:
 
 
 def arrow_schema(specs: Sequence[fmt.ArraySpec], metadata: dict[str, str]) -> pa.Schema:
+    """``sequence_index`` then one non-null column per array (nested fixed-size lists), with ``metadata``."""
     fields = [pa.field("sequence_index", pa.int64(), nullable=False)]
     fields += [pa.field(spec.name, _arrow_type(spec), nullable=False) for spec in specs]
     return pa.schema(fields, metadata=metadata)
@@ -53,6 +52,7 @@ def _column(data: np.ndarray) -> pa.Array:
 
 
 def record_batch(schema: pa.Schema, start: int, columns: Sequence[np.ndarray]) -> pa.RecordBatch:
+    """Rows start.. of ``columns`` (each [n, *trailing], in the schema's order) as one record batch."""
     n = columns[0].shape[0]
     arrays = [pa.array(np.arange(start, start + n, dtype=np.int64))] + [_column(c) for c in columns]
     return pa.RecordBatch.from_arrays(arrays, schema=schema)

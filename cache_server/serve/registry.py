@@ -15,19 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cache_server import format as fmt
+from cache_server.format import wire
 
 __all__ = ["RegisteredCache", "RegistryError", "parse_cache_args", "register_cache", "register_caches"]
-
-# Names appear in URLs and metric labels: keep them boring.
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-# Array names come from the manifest and become path components: no separators, no dot-files.
-_ARRAY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 
 
 class RegistryError(fmt.CacheError):
@@ -103,24 +98,30 @@ def parse_cache_args(items: Iterable[str]) -> list[tuple[str, Path]]:
 
 
 def register_cache(name: str, cache_dir: str | os.PathLike) -> RegisteredCache:
-    """Validate a name and a finished cache directory, and read its manifest once."""
-    if not _NAME_RE.match(name) or ".." in name:
+    """Check a cache name and a finished cache directory, and read its manifest once.
+
+    The manifest itself (array names, shard table, counts) is validated by ``cache_server.format``; what is
+    checked here is the server's own business: the name the cache is served under.
+
+    Raises:
+        RegistryError: the name is not allowed.
+        CacheError: the directory is missing, unfinished, not a cache, or its manifest is damaged.
+    """
+    if not wire.CACHE_NAME_RE.match(name) or ".." in name:
         raise RegistryError(
             f"cache name {name!r} is not allowed: use 1-64 letters, digits, '_', '.', '-' (no '..'), "
-            f"e.g. `kdcache serve mycache={cache_dir}`"
+            f"e.g. kdcache serve mycache={cache_dir}"
         )
     root = Path(cache_dir).resolve()
-    manifest = fmt.load_manifest(root)  # refuses missing, unfinished and foreign directories
-    raw = (root / fmt.MANIFEST_NAME).read_bytes()
-    manifest = fmt.parse_manifest(raw, source=str(root / fmt.MANIFEST_NAME))
-    layout = fmt.layout_from_manifest(manifest)
-    for array in manifest["arrays"]:
-        if not _ARRAY_RE.match(array):
-            raise RegistryError(f"{root}: manifest lists an array named {array!r}, which cannot be served")
-    expected = {spec.name for spec in layout.arrays()}
-    if set(manifest["shards"]) != expected or any(len(manifest["shards"][a]) != layout.num_shards for a in expected):
-        raise RegistryError(f"{root}: manifest shard table does not match its layout; the cache is damaged")
-    return RegisteredCache(name=name, root=root, manifest_raw=raw, manifest=manifest, layout=layout)
+    path = root / fmt.MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        fmt.load_manifest(root)  # raises the clear error: missing, unfinished, still building, not a cache
+        raise
+    manifest = fmt.parse_manifest(raw, source=str(path))  # the exact bytes served are the bytes validated
+    return RegisteredCache(name=name, root=root, manifest_raw=raw, manifest=manifest,
+                           layout=fmt.layout_from_manifest(manifest))
 
 
 def register_caches(items: Iterable[tuple[str, str | os.PathLike]]) -> dict[str, RegisteredCache]:

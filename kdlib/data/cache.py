@@ -1,4 +1,4 @@
-"""Read a kdcache cache: ``open_cache(path or URL)`` → ``read(start, stop)`` / ``lookup(indices)``.
+"""The cache classes: ``CacheReader`` (any source) and ``LocalCache`` (a directory), read as torch batches.
 
 Shape notation::
 
@@ -8,43 +8,43 @@ Shape notation::
 A batch is a ``dict`` of torch tensors::
 
     input_ids      [n, T]     int32 (int64 with widen=True)
-    topk_ids       [n, T, K]  int32; zero-copy when stored as uint32 (int64 with widen=True)
+    topk_ids       [n, T, K]  int32 (int64 with widen=True)
     topk_logprobs  [n, T, K]  float16 as stored (float32 with widen=True)
     lse            [n, T]     float32  teacher full-vocab logsumexp
     lse_t{tau:g}   [n, T]     float32  logsumexp(logits/tau) for each build temperature
 
-The hot path never decodes through zarr: each shard is fetched from its source once, checked against the
-manifest's sha256, decoded once into an uncompressed ``.npy`` file under the decode directory, and from then
-on memory-mapped. A batch inside one shard is a zero-copy view of that mapping. The decode directory is keyed
-by the manifest's hash, so a rebuilt cache never sees stale decoded data; concurrent processes (DataLoader
-workers, several ranks) may share it because each decoded file appears atomically (write + rename).
+Every tensor of a batch owns its memory: it is a copy out of the decoded shard's memory map, never a view
+of it, so a training step may edit a batch in place (``batch["topk_logprobs"].mul_(0.5)``) without
+changing what any later read returns. The decoding itself (once per shard, into a memory-mapped ``.npy``
+copy under the decode directory) is ``kdlib.data.store.DecodedShardStore``'s job; where stored bytes come
+from is the source's (``kdlib.data.sources``, ``kdlib.data.remote``).
+
+A cache object pickles: the copy in another process (a spawn DataLoader worker) reads the same manifest
+with the same options and opens its own memory maps, threads and connections there; a forked copy
+notices the new process id and does the same.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-import time
 import warnings
-from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from cache_server import format as fmt
 from cache_server.format import CacheError, CorruptShardError
+from cache_server.format.decoded import decoded_cache_dir, default_decode_root
+from kdlib.data.sources import LocalShardSource, ShardSource
+from kdlib.data.store import DecodedShardStore
 
 __all__ = [
-    "open_cache",
     "CacheReader",
     "LocalCache",
-    "ShardSource",
-    "LocalShardSource",
-    "DecodedShardStore",
+    "PER_SEQUENCE_ARRAYS",
+    "RENAMED_OPTIONS",
     "default_decode_root",
     "CacheError",
     "CorruptShardError",
@@ -52,318 +52,61 @@ __all__ = [
 
 PER_SEQUENCE_ARRAYS = ("seq_nll", "seq_entropy")
 
-
-class ShardSource(Protocol):
-    """Where stored (compressed) shard bytes come from: a local directory or an HTTP server."""
-
-    description: str
-
-    def manifest_bytes(self) -> bytes: ...
-
-    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes: ...
+# Old option name -> its one name now. The old names keep working, with a DeprecationWarning.
+RENAMED_OPTIONS = {"shard_cache_dir": "decode_dir", "shard_cache_bytes": "max_decoded_bytes"}
 
 
-class LocalShardSource:
-    """Stored shards of a cache directory on a local (or mounted) filesystem."""
-
-    def __init__(self, cache_dir: str | os.PathLike) -> None:
-        self.cache_dir = Path(cache_dir)
-        self.description = str(self.cache_dir)
-
-    def manifest_bytes(self) -> bytes:
-        fmt.load_manifest(self.cache_dir)  # raises the helpful errors (missing, unfinished, not a dir)
-        return (self.cache_dir / fmt.MANIFEST_NAME).read_bytes()
-
-    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes:
-        path = self.cache_dir / fmt.shard_relpath(array, shard_index, ndim)
-        try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            raise CorruptShardError(array, shard_index, "shard file is missing", where=str(path)) from None
-
-
-def default_decode_root() -> Path:
-    """``$KDCACHE_DECODE_DIR`` or ``$XDG_CACHE_HOME/kdcache/decoded`` (``~/.cache/kdcache/decoded``)."""
-    env = os.environ.get("KDCACHE_DECODE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "kdcache" / "decoded"
-
-
-class DecodedShardStore:
-    """Decoded shards, each decoded at most once into a memory-mapped ``.npy`` file.
-
-    Used by local and remote caches alike: the source decides where stored bytes come from, this store
-    checks them against the manifest, decodes them once, keeps the decode directory within ``max_bytes``
-    (least recently used shards evicted) and decodes ahead in background threads on request.
+def _resolve_renamed_options(
+    owner: str, options: dict[str, Any], deprecated: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Fold old option names (``RENAMED_OPTIONS``) into their new names, warning once per old name used.
 
     Args:
-        source: where stored shard bytes come from.
-        manifest: the cache manifest (checksums, shapes).
-        decode_dir: directory for this cache's decoded shards.
-        max_bytes: limit on this cache's decoded ``.npy`` files (None: unlimited). The shard just decoded is
-            never evicted, so the directory may briefly exceed the limit by one shard.
-        prefetch_workers: threads decoding ahead (``prefetch`` returns at once).
-        max_open: memory maps kept open in this process (LRU); files stay on disk regardless.
+        owner: the class named in messages.
+        options: the new-named options as the caller passed them (defaults filled in); updated and returned.
+        deprecated: the remaining keyword arguments (old names; anything else is a TypeError).
+        defaults: each new name's default, to tell "not passed" from a conflicting value.
+
+    Raises:
+        TypeError: an unknown keyword argument.
+        ValueError: an old and a new name both given, with different values.
     """
-
-    _TOUCH_EVERY_S = 5.0
-
-    def __init__(
-        self,
-        source: ShardSource,
-        manifest: Mapping[str, Any],
-        decode_dir: Path,
-        *,
-        max_bytes: int | None = None,
-        prefetch_workers: int = 1,
-        max_open: int = 256,
-    ) -> None:
-        if max_bytes is not None and max_bytes <= 0:
-            raise ValueError(f"the decoded-shard size limit must be positive or None, got {max_bytes}")
-        self.source = source
-        self.manifest = manifest
-        self.layout = fmt.layout_from_manifest(manifest)
-        self.specs = {spec.name: spec for spec in self.layout.arrays()}
-        self.decode_dir = Path(decode_dir)
-        self.max_bytes = max_bytes
-        self.prefetch_workers = int(prefetch_workers)
-        self.max_open = max_open
-        self.evicted = 0
-        self._reset_process_state()
-
-    # ------------------------------------------------------------------ process safety
-
-    def _reset_process_state(self) -> None:
-        """Maps, locks and threads belong to one process: a forked or unpickled copy starts afresh."""
-        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-        self._executor: ThreadPoolExecutor | None = None
-        self._inflight: dict[tuple[str, int], Future] = {}
-        self._inflight_lock = threading.Lock()
-        self._evict_lock = threading.Lock()
-        self._touched_s: dict[tuple[str, int], float] = {}
-        self._stale_tmp_checked = False
-        self._pid = os.getpid()
-
-    def _check_process(self) -> None:
-        if self._pid != os.getpid():  # forked into a DataLoader worker
-            self._reset_process_state()
-
-    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_inflight", "_inflight_lock", "_evict_lock", "_touched_s")
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in self._PROCESS_STATE}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._reset_process_state()
-
-    # ------------------------------------------------------------------ reading
-
-    def _path(self, array: str, shard_index: int) -> Path:
-        return self.decode_dir / array / f"{shard_index}.npy"
-
-    def is_decoded(self, array: str, shard_index: int) -> bool:
-        return self._path(array, shard_index).exists()
-
-    def get(self, array: str, shard_index: int) -> np.ndarray:
-        """The decoded shard [rows, *trailing] as a (copy-on-write) memory map."""
-        self._check_process()
-        key = (array, shard_index)
-        with self._lock:
-            cached = self._maps.get(key)
-            if cached is not None:
-                self._maps.move_to_end(key)
-                return cached
-        future = self._inflight.get(key)
-        if future is not None:
-            # A background decode of this very shard is under way: its error is this read's error.
-            future.result()
-        path = self._path(array, shard_index)
-        for _ in range(3):
-            if not path.exists():
-                self._decode_to(path, array, shard_index)
-            try:
-                mm = np.load(path, mmap_mode="c", allow_pickle=False)
-                break
-            except FileNotFoundError:
-                continue  # evicted by another process between decode and map: decode again
-        else:
-            raise CacheError(f"decoded shard {path} keeps disappearing: is the decoded-shard size limit too small?")
-        with self._lock:
-            self._maps[key] = mm
-            while len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)
-        self._touch(key)
-        return mm
-
-    def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
-        spec = self.specs[array]
-        ndim = 1 + len(spec.trailing_shape)
-        raw = self.source.read_shard(array, shard_index, ndim)
-        expected = self.manifest["shards"][array][shard_index]
-        fmt.verify_shard_bytes(raw, expected, array, shard_index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        start, stop = self.layout.shard_range(shard_index)
-        self._remove_stale_tmp_files()
-        # Decode straight into the file's memory map: one pass, no intermediate buffer.
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=spec.dtype, shape=spec.shape(stop - start))
-        try:
-            _allocate(tmp)  # a full disk is a clean OSError here, not a SIGBUS while writing the map
-            fmt.decode_shard(raw, spec, self.layout, shard_index, out=out)
-            out.flush()  # msync: the data is on disk before the rename makes the file visible
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            del out  # unmap before the rename
-        os.replace(tmp, path)
-        self._touched_s[(array, shard_index)] = time.monotonic()
-        if self.max_bytes is not None:
-            self._evict(keep=path)
-
-    def _remove_stale_tmp_files(self, max_age_s: float = 3600.0) -> None:
-        """Once per process: delete temporary files that a killed decoder left (decodes take well under a
-        second, so an hour-old one is abandoned; a younger one may belong to another live process)."""
-        if self._stale_tmp_checked:
-            return
-        self._stale_tmp_checked = True
-        now_s = time.time()
-        for tmp in self.decode_dir.glob("*/.*.tmp"):
-            try:
-                if now_s - tmp.stat().st_mtime > max_age_s:
-                    tmp.unlink()
-            except FileNotFoundError:
-                pass
-
-    # ------------------------------------------------------------------ background decoding
-
-    def prefetch(self, array: str, shard_index: int) -> None:
-        """Fetch and decode a shard in the background; returns at once (duplicates are dropped)."""
-        self._check_process()
-        if not 0 <= shard_index < self.layout.num_shards or self.is_decoded(array, shard_index):
-            return
-        key = (array, shard_index)
-        with self._inflight_lock:
-            if key in self._inflight:
-                return
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(max(1, self.prefetch_workers), thread_name_prefix="kdcache-prefetch")
-            future = self._executor.submit(self._prefetch_one, array, shard_index)
-            self._inflight[key] = future
-        future.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
-
-    def _prefetch_one(self, array: str, shard_index: int) -> None:
-        # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.
-        if not self.is_decoded(array, shard_index):
-            self._decode_to(self._path(array, shard_index), array, shard_index)
-
-    def wait_prefetch(self) -> None:
-        """Block until background decodes finish (their errors surface on the reads that need them)."""
-        for future in list(self._inflight.values()):
-            try:
-                future.result()
-            except Exception:
-                pass
-
-    def close(self) -> None:
-        if self._executor is not None and self._pid == os.getpid():
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        self._executor = None
-
-    # ------------------------------------------------------------------ size limit
-
-    def _touch(self, key: tuple[str, int]) -> None:
-        """Mark a shard recently used on disk for LRU eviction (one utime per shard per few seconds)."""
-        if self.max_bytes is None:
-            return
-        now_s = time.monotonic()
-        if now_s - self._touched_s.get(key, -1e9) < self._TOUCH_EVERY_S:
-            return
-        self._touched_s[key] = now_s
-        try:
-            os.utime(self._path(*key))
-        except FileNotFoundError:
-            pass
-
-    def decoded_bytes(self) -> int:
-        return sum(size for _, size, _ in self._decoded_files())
-
-    def _decoded_files(self) -> list[tuple[float, int, Path]]:
-        files: list[tuple[float, int, Path]] = []
-        if not self.decode_dir.exists():
-            return files
-        for array_dir in os.scandir(self.decode_dir):
-            if not array_dir.is_dir():
-                continue
-            for entry in os.scandir(array_dir.path):
-                if entry.name.endswith(".npy") and not entry.name.startswith("."):
-                    try:
-                        st = entry.stat()
-                    except FileNotFoundError:
-                        continue
-                    files.append((st.st_mtime, st.st_size, Path(entry.path)))
-        return files
-
-    def _evict(self, keep: Path) -> None:
-        """Delete least-recently-used decoded shards until the directory fits ``max_bytes``.
-
-        Unlinking a file another reader has memory-mapped is safe on POSIX: its mapping stays valid and the
-        space is returned when the mapping closes.
-        """
-        with self._evict_lock:
-            files = self._decoded_files()
-            total = sum(size for _, size, _ in files)
-            for _, size, path in sorted(files, key=lambda f: f[0]):
-                if total <= self.max_bytes:
-                    break
-                if path == keep:
-                    continue
-                path.unlink(missing_ok=True)
-                total -= size
-                self.evicted += 1
-                key = (path.parent.name, int(path.stem))
-                with self._lock:
-                    self._maps.pop(key, None)
-                self._touched_s.pop(key, None)
+    unknown = sorted(set(deprecated) - set(RENAMED_OPTIONS))
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
+    for old, value in deprecated.items():
+        new = RENAMED_OPTIONS[old]
+        warnings.warn(f"{owner}({old}=...) is deprecated: it is now called {new}=... (same meaning)",
+                      DeprecationWarning, stacklevel=4)
+        current = options[new]
+        if current != defaults[new] and _as_path(current) != _as_path(value):
+            raise ValueError(f"{owner}() got both {old}={value!r} and {new}={current!r}: they name the same "
+                             f"setting; pass only {new}")
+        options[new] = value
+    return options
 
 
-def _allocate(path: Path) -> None:
-    """Reserve the blocks of a freshly created (sparse) file."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; carry on
-            return
-        raise OSError(exc.errno, f"cannot allocate {os.fstat(fd).st_size} bytes for a decoded shard in "
-                      f"{path.parent} ({exc.strerror}); free space or set KDCACHE_DECODE_DIR / "
-                      "max_decoded_bytes") from exc
-    finally:
-        os.close(fd)
-
-
-def _manifest_key(raw_manifest: bytes) -> str:
-    return hashlib.sha256(raw_manifest).hexdigest()[:24]
+def _as_path(value: Any) -> Any:
+    return Path(value) if isinstance(value, (str, os.PathLike)) else value
 
 
 class CacheReader:
     """A cache, local or remote, with the same interface either way.
 
     Args:
-        source: stored shard bytes (LocalShardSource, or kdlib.data.remote's HTTP source).
+        source: stored shard bytes (``LocalShardSource``, or ``kdlib.data.remote.HttpShardSource``).
         decode_dir: root for decoded shards (default: ``default_decode_root()``); this cache uses a
-            subdirectory named by its manifest hash.
+            subdirectory named by its manifest hash (``self.decode_dir``; the root is ``self.decode_root``).
         widen: default for ``read(..., widen=)``: int64 ids and float32 values instead of compact dtypes.
         readahead: shards to decode ahead in the background when reading sequentially (0 disables).
         max_decoded_bytes: size limit of this cache's decoded shards on local disk (LRU); None = unlimited.
         prefetch_workers: background decode (and, remotely, fetch) threads.
+        **deprecated: ``shard_cache_dir`` / ``shard_cache_bytes``, old names of ``decode_dir`` /
+            ``max_decoded_bytes`` (DeprecationWarning).
     """
+
+    # Each class's default size limit (a remote cache has one: what it decodes, it also downloaded).
+    DEFAULT_MAX_DECODED_BYTES: int | None = None
 
     def __init__(
         self,
@@ -374,13 +117,20 @@ class CacheReader:
         readahead: int = 1,
         max_decoded_bytes: int | None = None,
         prefetch_workers: int = 1,
+        **deprecated: Any,
     ) -> None:
+        if deprecated:
+            renamed = _resolve_renamed_options(
+                type(self).__name__, {"decode_dir": decode_dir, "max_decoded_bytes": max_decoded_bytes}, deprecated,
+                {"decode_dir": None, "max_decoded_bytes": self.DEFAULT_MAX_DECODED_BYTES},
+            )
+            decode_dir, max_decoded_bytes = renamed["decode_dir"], renamed["max_decoded_bytes"]
         raw = source.manifest_bytes()
         self.source = source
         self.manifest: dict[str, Any] = fmt.parse_manifest(raw, source=f"{source.description}/{fmt.MANIFEST_NAME}")
         self.layout = fmt.layout_from_manifest(self.manifest)
-        root = Path(decode_dir) if decode_dir is not None else default_decode_root()
-        self.decode_dir = root / _manifest_key(raw)
+        self.decode_root = Path(decode_dir) if decode_dir is not None else default_decode_root()
+        self.decode_dir = decoded_cache_dir(self.decode_root, raw)
         self.store = DecodedShardStore(
             source, self.manifest, self.decode_dir, max_bytes=max_decoded_bytes, prefetch_workers=prefetch_workers
         )
@@ -418,6 +168,16 @@ class CacheReader:
     def shard_seqs(self) -> int:
         return self.layout.shard_seqs
 
+    @property
+    def max_decoded_bytes(self) -> int | None:
+        """The size limit of this cache's decoded shards (None: unlimited)."""
+        return self.store.max_bytes
+
+    @property
+    def prefetch_workers(self) -> int:
+        """Background decode (and, remotely, fetch) threads."""
+        return self.store.prefetch_workers
+
     def __len__(self) -> int:
         return self.num_sequences
 
@@ -431,11 +191,25 @@ class CacheReader:
         """Names of the per-position arrays a batch carries."""
         return [name for name in self.store.specs if name not in PER_SEQUENCE_ARRAYS]
 
+    # ------------------------------------------------------------------ pickling (worker processes)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but process-local state: the store and the source drop their maps, threads, locks and
+        connections themselves, and the copy starts with no readahead history."""
+        state = self.__dict__.copy()
+        state["_last_shard"] = -1
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
     # ------------------------------------------------------------------ reading
 
     def _check_arrays(self, arrays: Sequence[str] | None) -> list[str]:
         if arrays is None:
             return self.position_arrays()
+        if isinstance(arrays, str):
+            raise TypeError(f"arrays= takes a list of array names, got the string {arrays!r}; pass [{arrays!r}]")
         unknown = [a for a in arrays if a not in self.store.specs]
         if unknown:
             raise KeyError(f"unknown arrays {unknown}; this cache has {sorted(self.store.specs)}")
@@ -444,7 +218,10 @@ class CacheReader:
     def read(
         self, start: int, stop: int, *, arrays: Sequence[str] | None = None, widen: bool | None = None
     ) -> dict[str, torch.Tensor]:
-        """Sequences [start, stop) as a dict of torch tensors (see the module docstring for dtypes)."""
+        """Sequences [start, stop) as a dict of torch tensors (see the module docstring for dtypes).
+
+        Each tensor owns its memory (a copy out of the decoded shard), so editing it in place is safe.
+        """
         if not (isinstance(start, (int, np.integer)) and isinstance(stop, (int, np.integer))):
             raise TypeError(f"read(start, stop) takes integers, got {type(start).__name__}, {type(stop).__name__}")
         if not 0 <= start <= stop <= self.num_sequences:
@@ -455,23 +232,19 @@ class CacheReader:
             return {name: self._empty(name, widen) for name in names}
         S = self.layout.shard_seqs
         first, last = start // S, (stop - 1) // S
-        if last > first:
-            # Shards of this batch not decoded yet are fetched/decoded in parallel with the first one.
-            for s in range(first + 1, last + 1):
-                for name in names:
-                    self.store.prefetch(name, s)
+        # Shards of this batch not decoded yet are fetched/decoded in parallel with the first one.
+        self.prefetch_shards(range(first + 1, last + 1), names)
         out: dict[str, torch.Tensor] = {}
         for name in names:
             if first == last:
-                mm = self.store.get(name, first)
-                data = mm[start - first * S : stop - first * S]
+                data = self.store.get(name, first)[start - first * S : stop - first * S]  # a view of the map
+                out[name] = self._to_tensor(data, widen, owned=False)
             else:
                 parts = [
                     self.store.get(name, s)[max(start, s * S) - s * S : min(stop, (s + 1) * S) - s * S]
                     for s in range(first, last + 1)
                 ]
-                data = np.concatenate(parts)
-            out[name] = self._to_tensor(name, data, widen)
+                out[name] = self._to_tensor(np.concatenate(parts), widen, owned=True)
         self._maybe_readahead(last, names)
         return out
 
@@ -479,7 +252,7 @@ class CacheReader:
         self, sequence_indices: Sequence[int] | np.ndarray | torch.Tensor, *, arrays: Sequence[str] | None = None,
         widen: bool | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Sequences at arbitrary indices, in the order given."""
+        """Sequences at arbitrary indices, in the order given (each tensor owns its memory, like ``read``)."""
         idx = np.asarray(
             sequence_indices.cpu().numpy() if isinstance(sequence_indices, torch.Tensor) else sequence_indices,
             dtype=np.int64,
@@ -490,40 +263,66 @@ class CacheReader:
         S = self.layout.shard_seqs
         shard_of = idx // S
         shards = np.unique(shard_of)
-        for s in shards[1:]:  # decoded in parallel with the first one (fetched, for a remote cache)
-            for name in names:
-                self.store.prefetch(name, int(s))
+        self.prefetch_shards(shards[1:].tolist(), names)  # decoded in parallel with the first one
         out: dict[str, torch.Tensor] = {}
         for name in names:
             spec = self.store.specs[name]
             data = np.empty((idx.size, *spec.trailing_shape), dtype=spec.dtype)
-            for s in shards:
-                mask = shard_of == s
-                data[mask] = self.store.get(name, int(s))[idx[mask] - s * S]
-            out[name] = self._to_tensor(name, data, self.widen if widen is None else widen)
+            if shards.size == 1:  # gather straight into the batch, no temporary
+                np.take(self.store.get(name, int(shards[0])), idx - shards[0] * S, axis=0, out=data)
+            else:
+                for s in shards:
+                    mask = shard_of == s
+                    data[mask] = self.store.get(name, int(s))[idx[mask] - s * S]
+            out[name] = self._to_tensor(data, self.widen if widen is None else widen, owned=True)
         return out
+
+    def prefetch_shards(self, shard_indices: Iterable[int], arrays: Sequence[str] | None = None) -> None:
+        """Fetch and decode these shards of these arrays in the background, then return at once.
+
+        Shards already decoded (or already being decoded) are skipped. A failure (a corrupt or missing shard,
+        an unreachable server) is never raised here, on the caller's thread: it is raised by the later
+        ``read``/``lookup`` that needs the shard.
+
+        Args:
+            shard_indices: shard numbers, each in ``[0, num_shards)``.
+            arrays: array names (default: ``position_arrays()``, what a batch carries).
+
+        Raises:
+            KeyError: an unknown array name.
+            IndexError: a shard number outside ``[0, num_shards)``.
+        """
+        names = self._check_arrays(arrays)
+        for shard_index in shard_indices:
+            shard_index = int(shard_index)
+            if not 0 <= shard_index < self.num_shards:
+                raise IndexError(f"shard {shard_index} is outside [0, {self.num_shards}) for prefetch_shards")
+            for name in names:
+                self.store.prefetch(name, shard_index)
 
     def sequence_stats(self) -> dict[str, torch.Tensor]:
         """Per-sequence teacher statistics ``seq_nll`` and ``seq_entropy``, [N] float32 each."""
         return self.read(0, self.num_sequences, arrays=list(PER_SEQUENCE_ARRAYS))
 
-    def _to_tensor(self, name: str, data: np.ndarray, widen: bool) -> torch.Tensor:
+    @staticmethod
+    def _to_tensor(data: np.ndarray, widen: bool, *, owned: bool) -> torch.Tensor:
+        """A tensor owning its memory; ``owned`` says whether ``data`` already is a fresh array (not a map view)."""
         if widen:
             # numpy's casts are vectorized for every dtype pair; torch's uint16 casts are not (~300x slower).
             data = data.astype(np.float32 if data.dtype.kind == "f" else np.int64)
-        elif data.dtype == np.uint32:
-            # Token ids are < 2**31, so uint32 bits read as int32 are the same numbers: zero-copy.
-            data = data.view(np.int32)
         elif data.dtype == np.uint16:
-            # torch's uint16 lacks comparisons, min/max and indexing; int32 costs one small copy per batch.
+            # torch's uint16 lacks comparisons, min/max and indexing; the cast to int32 is the copy.
             data = data.astype(np.int32)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # copy-on-write maps are writable; belt and braces
-            return torch.from_numpy(data)
+        else:
+            if data.dtype == np.uint32:
+                data = data.view(np.int32)  # token ids are < 2**31: the same numbers as int32
+            if not owned:
+                data = np.array(data)  # out of the read-only map: a batch never aliases the decoded copy
+        return torch.from_numpy(data)
 
     def _empty(self, name: str, widen: bool) -> torch.Tensor:
         spec = self.store.specs[name]
-        return self._to_tensor(name, np.empty((0, *spec.trailing_shape), dtype=spec.dtype), widen)
+        return self._to_tensor(np.empty((0, *spec.trailing_shape), dtype=spec.dtype), widen, owned=True)
 
     def _maybe_readahead(self, last_shard: int, names: list[str]) -> None:
         """When reading forward, decode the next shard(s) in the background (cold reads overlap decoding)."""
@@ -531,11 +330,8 @@ class CacheReader:
             return
         sequential = last_shard == self._last_shard + 1
         self._last_shard = last_shard
-        if not sequential:
-            return
-        for s in range(last_shard + 1, min(last_shard + 1 + self.readahead, self.num_shards)):
-            for name in names:
-                self.store.prefetch(name, s)
+        if sequential:
+            self.prefetch_shards(range(last_shard + 1, min(last_shard + 1 + self.readahead, self.num_shards)), names)
 
     def prepare(self, progress: bool = False) -> None:
         """Decode every shard now (e.g. before timing, or before forking workers)."""
@@ -549,8 +345,9 @@ class CacheReader:
             self.store.get(name, s)
 
     def close(self) -> None:
-        """Stop background decoding (the reader stays usable; threads restart on demand)."""
+        """Stop background decoding and release the source's connections (both restart on demand)."""
         self.store.close()
+        self.source.close()
 
     def __enter__(self) -> "CacheReader":
         return self
@@ -560,22 +357,14 @@ class CacheReader:
 
 
 class LocalCache(CacheReader):
-    """A cache directory on a local or mounted filesystem."""
+    """A cache directory on a local or mounted filesystem.
 
-    def __init__(self, cache_dir: str | os.PathLike, **kwargs: Any) -> None:
-        super().__init__(LocalShardSource(cache_dir), **kwargs)
-        self.path = Path(cache_dir)
-
-
-def open_cache(path_or_url: str | os.PathLike, **kwargs: Any) -> CacheReader:
-    """Open a cache directory or an ``http(s)://host:port/v1/caches/NAME`` URL with the same interface.
-
-    Keyword arguments go to the reader (``decode_dir``, ``widen``, ``readahead``; remote caches also take
-    ``token``, ``shard_cache_dir``, ``shard_cache_bytes``, ``timeout_s``...).
+    Args:
+        cache_dir: the cache directory.
+        **options: ``decode_dir``, ``widen``, ``readahead``, ``max_decoded_bytes``, ``prefetch_workers``: see
+            ``CacheReader``.
     """
-    text = os.fspath(path_or_url)
-    if isinstance(text, str) and text.startswith(("http://", "https://")):
-        from kdlib.data.remote import RemoteCache
 
-        return RemoteCache(text, **kwargs)
-    return LocalCache(text, **kwargs)
+    def __init__(self, cache_dir: str | os.PathLike, **options: Any) -> None:
+        super().__init__(LocalShardSource(cache_dir), **options)
+        self.path = Path(cache_dir)

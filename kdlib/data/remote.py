@@ -10,11 +10,10 @@ and checks every transfer against the manifest's size and sha256: a corrupt tran
 few times and never used; a persistent mismatch raises ``CorruptShardError`` naming the array and shard,
 and so does a shard the server reports missing (404 ``X-Kdcache-Error: shard-missing``, at once, no retries).
 
-Everything after the fetch is the shared reader code (``kdlib.data.cache``): decoding, the decoded ``.npy``
-memory maps and their directory (``decode_dir``/<manifest hash>), and ``DecodedShardStore``'s size limit
-(``shard_cache_bytes``, least recently used evicted first; file mtime is the recency, so processes sharing
-the directory share one LRU), background prefetch and parallel decode of a batch's shards. Local and
-remote caches use the same store.
+Everything after the fetch is the shared reader code: decoding, the decoded ``.npy`` memory maps and their
+directory (``decode_dir``/<manifest hash>), the size limit ``max_decoded_bytes`` (least recently used
+evicted first; a remote cache defaults to ``DEFAULT_MAX_DECODED_BYTES`` because every shard it decodes was
+also downloaded), background prefetch and parallel decode of a batch's shards (``kdlib.data.store``).
 
 What the remote case adds:
 
@@ -24,7 +23,10 @@ What the remote case adds:
 * shards larger than ``piece_bytes`` (2 MiB) are fetched as Range pieces (bounded request latency on a
   shared server);
 * fork/DataLoader safety: the httpx client is created lazily per process (``os.getpid()`` checked on use),
-  and the reader pickles without it (spawn workers).
+  and the reader pickles without it (spawn workers), with its URL, token, timeouts and retry settings.
+
+The URL scheme, header names and the shard-missing code come from ``cache_server.format.wire``, the one
+definition the server shares.
 """
 
 from __future__ import annotations
@@ -32,37 +34,33 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import threading
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import httpx
 
 from cache_server import format as fmt
 from cache_server.format import CacheError, CorruptShardError
+from cache_server.format import wire
+from cache_server.format.wire import TOKEN_ENV
 from kdlib.data.cache import CacheReader
 
 __all__ = [
     "RemoteCache",
     "HttpShardSource",
     "RemoteError",
-    "DEFAULT_SHARD_CACHE_BYTES",
+    "DEFAULT_MAX_DECODED_BYTES",
     "DEFAULT_PIECE_BYTES",
     "TOKEN_ENV",
 ]
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "KDCACHE_TOKEN"
-DEFAULT_SHARD_CACHE_BYTES = 20 << 30
+DEFAULT_MAX_DECODED_BYTES = 20 << 30
+DEFAULT_SHARD_CACHE_BYTES = DEFAULT_MAX_DECODED_BYTES  # the old name, kept for existing imports
 DEFAULT_PIECE_BYTES = 2 << 20
-# These must match cache_server.serve.app (kdlib needs no FastAPI).
-CHECKSUM_HEADER = "x-checksum-sha256"
-ERROR_HEADER = "x-kdcache-error"
-SHARD_MISSING = "shard-missing"
-_URL_RE = re.compile(r"^https?://[^/]+(/.*)?/v1/caches/[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
@@ -76,6 +74,35 @@ class _Retryable(Exception):
 
 class _ShardMissing(RemoteError):
     """The server has the shard in its manifest but not on disk (``read_shard`` turns it into CorruptShardError)."""
+
+
+@dataclass
+class _Transfer:
+    """One GET across its retries: the bytes that arrived so far and how to ask for the rest."""
+
+    start: int
+    end: int | None  # exclusive; None until known
+    etag: str | None
+    ranged: bool  # the caller asked for a byte range (not a whole file)
+    end_known: bool  # the caller gave the size (else it is learned from Content-Length)
+    body: bytearray = field(default_factory=bytearray)
+    headers: httpx.Headers | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.start + len(self.body)
+
+    def complete(self) -> bool:
+        """Every expected byte arrived (in an earlier, cut response)."""
+        return self.headers is not None and self.end is not None and self.offset >= self.end
+
+    def request_headers(self) -> dict[str, str]:
+        headers: dict[str, str] = {}
+        if self.ranged or (self.body and self.etag):
+            headers["Range"] = wire.range_header(self.offset, self.end)
+            if self.etag:
+                headers["If-Range"] = self.etag
+        return headers
 
 
 class HttpShardSource:
@@ -107,7 +134,7 @@ class HttpShardSource:
         piece_bytes: int | None = DEFAULT_PIECE_BYTES,
     ) -> None:
         url = url.rstrip("/")
-        if not _URL_RE.match(url):
+        if not wire.CACHE_URL_RE.match(url):
             raise ValueError(
                 f"{url!r} is not a cache URL; expected http(s)://HOST:PORT/v1/caches/NAME "
                 "(GET http://HOST:PORT/v1/caches lists the names)"
@@ -193,63 +220,16 @@ class HttpShardSource:
         """
         url = self.url + path
         start, end = byte_range if byte_range is not None else (0, size_bytes)
-        body = bytearray()
-        received_headers: httpx.Headers | None = None
-        etag = if_range
+        transfer = _Transfer(start=start, end=end, etag=if_range, ranged=byte_range is not None,
+                             end_known=end is not None)
         attempt = 0
         while True:
-            offset = start + len(body)
-            if received_headers is not None and end is not None and offset >= end:
-                self.stats["bytes"] += len(body)
-                return body, received_headers
-            headers: dict[str, str] = {}
-            if byte_range is not None or (body and etag):
-                headers["Range"] = f"bytes={offset}-{'' if end is None else end - 1}"
-                if etag:
-                    headers["If-Range"] = etag
+            if transfer.complete():
+                self.stats["bytes"] += len(transfer.body)
+                return transfer.body, transfer.headers
             try:
                 self.stats["requests"] += 1
-                with self._http().stream("GET", url, headers=headers) as response:
-                    status = response.status_code
-                    if status in (401, 403):
-                        raise RemoteError(
-                            f"{url}: HTTP {status}, the server refused the token "
-                            f"({'none sent' if not self.token else 'token sent'}); pass open_cache(url, "
-                            f"token=...) or set {TOKEN_ENV}"
-                        )
-                    if status == 404 and response.headers.get(ERROR_HEADER) == SHARD_MISSING:
-                        raise _ShardMissing(f"{url}: HTTP 404, {ERROR_HEADER}: {SHARD_MISSING}")
-                    if status in _RETRY_STATUS:
-                        raise _Retryable(f"HTTP {status}: {response.read()[:200]!r}")
-                    if status == 416 and "Range" in headers:
-                        # The file is shorter than the manifest says (or than what already arrived): hand back
-                        # what arrived; the size/checksum check names the shard corrupt.
-                        self.stats["bytes"] += len(body)
-                        return body, response.headers
-                    if status == 206 and "Range" in headers:
-                        if not response.headers.get("content-range", "").startswith(f"bytes {offset}-"):
-                            body.clear()
-                            received_headers = None
-                            raise _Retryable(f"unexpected Content-Range {response.headers.get('content-range')}")
-                        if body:
-                            self.stats["resumed"] += 1
-                    elif status == 200 and byte_range is None:
-                        body.clear()  # a whole body (first try, or the file changed since the cut)
-                        if size_bytes is None and "content-length" in response.headers:
-                            end = int(response.headers["content-length"])  # lets a cut after the last byte end here
-                    elif status == 200:
-                        raise RemoteError(f"{url}: the server ignored the Range request for {what}; the file "
-                                          "changed since this reader opened the cache (reopen it)")
-                    else:
-                        raise RemoteError(f"{url}: HTTP {status} fetching {what}: {response.read()[:300]!r}")
-                    etag = response.headers.get("etag") or etag
-                    received_headers = response.headers
-                    # iter_raw without a chunk size hands over every network read at once, so a dropped
-                    # connection keeps what arrived (iter_bytes(n) would lose its partial buffer).
-                    for piece in response.iter_raw():
-                        body += piece
-                    self.stats["bytes"] += len(body)
-                    return body, response.headers
+                return self._get_once(url, what, transfer)
             except (httpx.TransportError, _Retryable) as exc:
                 attempt += 1
                 if attempt > self.max_retries:
@@ -262,21 +242,70 @@ class HttpShardSource:
                             attempt, self.max_retries)
                 self._sleep_before_retry(attempt)
 
+    def _get_once(self, url: str, what: str, transfer: "_Transfer") -> tuple[bytearray, httpx.Headers]:
+        """One request of a transfer: appends what arrives to ``transfer.body`` (kept if the connection drops)."""
+        headers = transfer.request_headers()
+        with self._http().stream("GET", url, headers=headers) as response:
+            status = response.status_code
+            self._raise_for_refusal(url, response)
+            if status == 416 and "Range" in headers:
+                # The file is shorter than the manifest says (or than what already arrived): hand back what
+                # arrived; the size/checksum check names the shard corrupt.
+                self.stats["bytes"] += len(transfer.body)
+                return transfer.body, response.headers
+            if status == 206 and "Range" in headers:
+                if not response.headers.get("content-range", "").startswith(f"bytes {transfer.offset}-"):
+                    transfer.body.clear()
+                    transfer.headers = None
+                    raise _Retryable(f"unexpected Content-Range {response.headers.get('content-range')}")
+                if transfer.body:
+                    self.stats["resumed"] += 1
+            elif status == 200 and not transfer.ranged:
+                transfer.body.clear()  # a whole body (first try, or the file changed since the cut)
+                if not transfer.end_known and "content-length" in response.headers:
+                    transfer.end = int(response.headers["content-length"])  # a cut after the last byte ends here
+            elif status == 200:
+                raise RemoteError(f"{url}: the server ignored the Range request for {what}; the file changed "
+                                  "since this reader opened the cache (reopen it)")
+            else:
+                raise RemoteError(f"{url}: HTTP {status} fetching {what}: {response.read()[:300]!r}")
+            transfer.etag = response.headers.get("etag") or transfer.etag
+            transfer.headers = response.headers
+            # iter_raw without a chunk size hands over every network read at once, so a dropped connection
+            # keeps what arrived (iter_bytes(n) would lose its partial buffer).
+            for piece in response.iter_raw():
+                transfer.body += piece
+            self.stats["bytes"] += len(transfer.body)
+            return transfer.body, response.headers
+
+    def _raise_for_refusal(self, url: str, response: httpx.Response) -> None:
+        """Refused (auth), final (shard missing) or retryable (overload, 5xx) answers, as exceptions."""
+        status = response.status_code
+        if status in (401, 403):
+            raise RemoteError(
+                f"{url}: HTTP {status}, the server refused the token ({'none sent' if not self.token else 'token sent'}"
+                f"); pass open_cache(url, token=...) or set {TOKEN_ENV}"
+            )
+        if status == 404 and response.headers.get(wire.ERROR_HEADER) == wire.SHARD_MISSING:
+            raise _ShardMissing(f"{url}: HTTP 404, {wire.ERROR_HEADER}: {wire.SHARD_MISSING}")
+        if status in _RETRY_STATUS:
+            raise _Retryable(f"HTTP {status}: {response.read()[:200]!r}")
+
     def _fetch_shard(self, array: str, shard_index: int, expected: Mapping[str, Any]) -> tuple[bytes, str | None]:
         """The stored bytes (whole, or in ``piece_bytes`` Range pieces) and the server's checksum header."""
-        path = f"/shards/{array}/{int(shard_index)}"
+        path = wire.shard_suffix(array, shard_index)
         what = f"shard {shard_index} of {array!r}"
         nbytes = int(expected["nbytes"])
-        etag = f'"{expected["sha256"]}"'
+        etag = wire.quoted_etag(expected["sha256"])
         if self.piece_bytes is None or nbytes <= self.piece_bytes:
             raw, headers = self._get(path, what, if_range=etag, size_bytes=nbytes)
-            return bytes(raw), headers.get(CHECKSUM_HEADER)
+            return bytes(raw), headers.get(wire.CHECKSUM_HEADER)
         # Large shard: bounded requests (latency under load, server byte limits, cheaper retries).
         out = bytearray()
         claimed = None
         for lo in range(0, nbytes, self.piece_bytes):
             piece, headers = self._get(path, what, byte_range=(lo, min(lo + self.piece_bytes, nbytes)), if_range=etag)
-            claimed = claimed or headers.get(CHECKSUM_HEADER)
+            claimed = claimed or headers.get(wire.CHECKSUM_HEADER)
             out += piece
         return bytes(out), claimed
 
@@ -284,14 +313,15 @@ class HttpShardSource:
 
     def manifest_bytes(self) -> bytes:
         for _ in range(1 + self.corrupt_retries):
-            raw, headers = self._get("/manifest", "the manifest")
+            raw, headers = self._get(wire.MANIFEST_SUFFIX, "the manifest")
             raw = bytes(raw)
-            claimed = headers.get(CHECKSUM_HEADER)
+            claimed = headers.get(wire.CHECKSUM_HEADER)
             if claimed is None or fmt.shard_sha256(raw) == claimed:
-                self.manifest = fmt.parse_manifest(raw, source=f"{self.url}/manifest")
+                self.manifest = fmt.parse_manifest(raw, source=self.url + wire.MANIFEST_SUFFIX)
                 return raw
             self.stats["corrupt_transfers"] += 1
-        raise RemoteError(f"{self.url}/manifest: received bytes never matched the server's checksum header")
+        raise RemoteError(f"{self.url}{wire.MANIFEST_SUFFIX}: received bytes never matched the server's checksum "
+                          "header")
 
     def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes:
         """Stored bytes of one shard, verified against the manifest (refetched if a transfer is corrupt)."""
@@ -322,7 +352,7 @@ class HttpShardSource:
                         shard_index, array, detail)
         raise CorruptShardError(
             array, shard_index, f"{1 + self.corrupt_retries} transfers never matched the manifest ({detail})",
-            where=f"{self.url}/shards/{array}/{shard_index}",
+            where=self.url + wire.shard_suffix(array, shard_index),
         )
 
 
@@ -332,24 +362,27 @@ class RemoteCache(CacheReader):
     Args:
         url: ``http(s)://host:port/v1/caches/NAME``.
         token: bearer token (default ``$KDCACHE_TOKEN``).
-        shard_cache_dir: root of the local decoded-shard cache (alias of ``decode_dir``; default
-            ``~/.cache/kdcache/decoded``); this cache uses ``<root>/<manifest hash>``.
-        shard_cache_bytes: size limit of this cache's decoded shards on local disk (LRU); None = unlimited.
+        decode_dir: root of the local decoded shards (default ``default_decode_root()``); this cache uses
+            ``<root>/<manifest hash>``.
+        max_decoded_bytes: size limit of this cache's decoded shards on local disk (LRU); None = unlimited.
         timeout_s, connect_timeout_s, max_retries, backoff_s, corrupt_retries, piece_bytes: see
             ``HttpShardSource``.
         prefetch_workers: background fetch/decode threads.
-        readahead: shards to prefetch ahead of a sequential reader (default 2).
-        widen, decode_dir: as for the local reader.
+        readahead: shards to prefetch ahead of a sequential reader.
+        widen: as for the local reader.
+        **deprecated: ``shard_cache_dir`` / ``shard_cache_bytes``, old names of ``decode_dir`` /
+            ``max_decoded_bytes`` (DeprecationWarning).
     """
+
+    DEFAULT_MAX_DECODED_BYTES = DEFAULT_MAX_DECODED_BYTES
 
     def __init__(
         self,
         url: str,
         *,
         token: str | None = None,
-        shard_cache_dir: str | os.PathLike | None = None,
-        shard_cache_bytes: int | None = DEFAULT_SHARD_CACHE_BYTES,
         decode_dir: str | os.PathLike | None = None,
+        max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
         timeout_s: float = 60.0,
         connect_timeout_s: float = 5.0,
         max_retries: int = 8,
@@ -359,21 +392,13 @@ class RemoteCache(CacheReader):
         readahead: int = 2,
         piece_bytes: int | None = DEFAULT_PIECE_BYTES,
         widen: bool = False,
+        **deprecated: Any,
     ) -> None:
-        if shard_cache_dir is not None and decode_dir is not None and Path(shard_cache_dir) != Path(decode_dir):
-            raise ValueError("pass either shard_cache_dir or decode_dir (they name the same directory), not both")
         source = HttpShardSource(
             url, token=token, timeout_s=timeout_s, connect_timeout_s=connect_timeout_s, max_retries=max_retries,
             backoff_s=backoff_s, corrupt_retries=corrupt_retries, max_connections=max(4, 2 * prefetch_workers + 2),
             piece_bytes=piece_bytes,
         )
-        super().__init__(
-            source, decode_dir=shard_cache_dir or decode_dir, widen=widen, readahead=readahead,
-            max_decoded_bytes=shard_cache_bytes, prefetch_workers=prefetch_workers,
-        )
+        super().__init__(source, decode_dir=decode_dir, widen=widen, readahead=readahead,
+                         max_decoded_bytes=max_decoded_bytes, prefetch_workers=prefetch_workers, **deprecated)
         self.url = source.url
-
-    def close(self) -> None:
-        """Stop background prefetching and close HTTP connections (the reader reopens them on use)."""
-        super().close()
-        self.source.close()

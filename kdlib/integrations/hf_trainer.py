@@ -14,10 +14,15 @@ Two ways to feed it:
 
 Either way the student is called WITHOUT labels (no second CE inside the model); its logits [B, T, V] at
 position t pair with the cache's position t (both predict token t+1), and ``kd_loss`` computes KD + CE from
-the cache's shifted labels. ``check_alignment`` runs on every step unless disabled; it costs no host-device sync
-when the rows carry the teacher data (the student's tokens are the row's own; the vocabulary sizes are Python
-ints; top-k ids were range-checked on the CPU by ``CacheDataset``), and one comparison (one sync) when your own
-tokens are checked against the looked-up cache rows.
+the cache's shifted labels.
+
+What ``check_alignment=True`` (the default) checks every step:
+
+1. rows that carry the teacher data: the VOCABULARY only (the student's output size against the cache's, and
+   thereby the top-k ids, which ``CacheDataset`` range-checked on the CPU). The student is fed the row's own
+   ``input_ids``, so there are no other tokens to compare; no host-device sync;
+2. your own rows with ``cache=``: the vocabulary, and your tokens against the looked-up cache rows (one
+   comparison, one sync), which catches a shifted or reordered dataset.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from typing import Any, Mapping
 import torch
 from transformers import Trainer
 
-from kdlib.alignment import check_alignment, check_topk_ids_in_vocab, shift_labels
-from kdlib.integrations import TEACHER_KEYS, split_teacher_batch
+from kdlib.alignment import check_alignment
+from kdlib.batch import move_batch, read_batch, student_input_ids
+from kdlib.integrations.step import TEACHER_KEYS, logits_of, split_teacher_batch
 
 __all__ = ["KDTrainer"]
 
@@ -44,7 +50,8 @@ class KDTrainer(Trainer):
         kd_kwargs: ``kdlib.kd_loss`` options, e.g. ``{"ce_weight": 0.1, "temperature": 2.0}``.
         cache: a cache reader, needed only when the dataset rows carry sequence indices instead of teacher data.
         index_key: the batch entry holding cache sequence indices (with ``cache=``).
-        check_alignment: compare the student's tokens and vocabulary with the cache's every step.
+        check_alignment: check every step (module docstring): the vocabulary always, the tokens only for rows
+            looked up by index.
         allow_padded_vocab: accept a student vocabulary larger than the teacher's (an embedding padded to a
             multiple of 64, e.g. 50304 for GPT-2's 50257); see ``kdlib.check_alignment``.
 
@@ -90,18 +97,13 @@ class KDTrainer(Trainer):
                     f"KDTrainer: the batch has neither teacher top-k ('topk_ids') nor cache sequence indices "
                     f"({self.index_key!r}); keys: {sorted(inputs)}. Train on kdlib.CacheDataset(cache), or give "
                     f"rows a {self.index_key!r} entry and pass KDTrainer(..., cache=cache)")
-            looked_up = self.kd_cache.lookup(torch.as_tensor(inputs[self.index_key]).cpu())
-            if "topk_ids" in looked_up:
-                check_topk_ids_in_vocab(looked_up["topk_ids"], self.kd_cache.vocab_size)  # on the CPU
-            teacher = {k: v.to(device, non_blocking=True) for k, v in looked_up.items()}
-            teacher["labels"] = shift_labels(teacher["input_ids"])
-            teacher["teacher_vocab_size"] = torch.tensor(self.kd_cache.vocab_size)
+            indices = torch.as_tensor(inputs[self.index_key]).cpu().numpy()
+            # The same batch assembly as the loader's (top-k ids range-checked here, on the CPU; shifted labels).
+            teacher = move_batch(read_batch(self.kd_cache, indices), device)
             student_inputs.pop(self.index_key, None)
         for key in TEACHER_KEYS:
             student_inputs.pop(key, None)
-        if "input_ids" not in student_inputs:
-            raise ValueError(f"KDTrainer: the batch has no 'input_ids' for the student (keys: {sorted(inputs)})")
-        student_inputs["input_ids"] = student_inputs["input_ids"].to(torch.int64)
+        student_inputs["input_ids"] = student_input_ids(student_inputs)  # int64, where the Trainer put it
         # Rows that carry the teacher data carry the tokens the teacher saw: the student gets exactly those.
         return student_inputs, teacher, looked_up_by_index
 
@@ -111,11 +113,11 @@ class KDTrainer(Trainer):
         device = inputs["input_ids"].device
         student_inputs, teacher, compare_tokens = self._teacher_batch(inputs, device)
         outputs = model(**student_inputs)
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]  # [B, T, V]
+        logits = logits_of(outputs)  # [B, T, V]
         if self.check_alignment:
             check_alignment(student_inputs["input_ids"] if compare_tokens else None, teacher,
                             student_vocab_size=logits.shape[-1], allow_padded_vocab=self.allow_padded_vocab)
         # The vocabulary was checked above (or deliberately not): the loss must not refuse what was allowed.
-        loss = kd_loss_from_batch(logits, teacher, allow_padded_vocab=self.allow_padded_vocab or not self.check_alignment,
-                                  **self.kd_kwargs)
+        allow_padded = self.allow_padded_vocab or not self.check_alignment
+        loss = kd_loss_from_batch(logits, teacher, allow_padded_vocab=allow_padded, **self.kd_kwargs)
         return (loss, outputs) if return_outputs else loss

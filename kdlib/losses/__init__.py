@@ -3,7 +3,9 @@
 Public API:
 
 * :func:`kd_loss` — the loss on student logits [..., V] (fused PyTorch on CPU, Triton on CUDA).
-* :class:`KDLoss` — ``nn.Module`` holding the keyword configuration.
+* :class:`KDLoss` — ``nn.Module`` holding the options.
+* :class:`KDLossOptions` — every loss setting with its default and validation; each entry point takes its
+  fields as keyword arguments or ``options=KDLossOptions(...)``.
 * :func:`kd_loss_from_batch` — takes the teacher tensors from a cache-reader batch.
 * :func:`kd_loss_from_hidden` — from hidden states and the LM head, never materializing [N, V].
 * :func:`kd_loss_reference` — the naive implementation every backend is tested against.
@@ -13,12 +15,14 @@ See docs/LOSSES.md for every formula, its gradient and the mapping to peers' con
 
 from .api import KDLoss, kd_loss, kd_loss_from_batch, lse_key_for_temperature
 from .fused_linear import kd_loss_from_hidden
+from .options import KDLossOptions
 from .reference import kd_loss_reference
 from .sparse_math import DIVERGENCES, TAILS
 
 __all__ = [
     "DIVERGENCES",
     "KDLoss",
+    "KDLossOptions",
     "TAILS",
     "kd_loss",
     "kd_loss_from_batch",

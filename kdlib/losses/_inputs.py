@@ -1,74 +1,51 @@
-"""Validation of kd_loss arguments and preparation of the teacher side (shared by every backend).
+"""The tensor inputs of every loss entry point: checked, flattened to rows, the teacher side prepared,
+and the per-row losses reduced.
 
 Shape notation:
     B: batch, T: sequence length, V: vocabulary, K: teacher top-k, N: rows = prod(leading dims).
+
+The settings (:class:`~kdlib.losses.options.KDLossOptions`) are validated where they are built; this module
+checks only the tensors against them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 
-from .sparse_math import DIVERGENCES, TAIL_FLOOR, TAILS, effective_divergence
+from .options import KDLossOptions
+from .sparse_math import TAIL_FLOOR
 
-__all__ = ["LossConfig", "FlatInputs", "flatten_targets", "teacher_side", "REDUCTIONS", "BACKENDS"]
-
-REDUCTIONS = ("mean", "sum", "none")
-BACKENDS = ("auto", "torch", "triton", "reference")
+__all__ = ["FlatInputs", "flatten_targets", "teacher_side", "reduce_rows"]
 
 
-@dataclass(frozen=True)
-class LossConfig:
-    """The keyword options of :func:`kdlib.kd_loss`, validated."""
-
-    ce_weight: float = 0.0
-    kd_weight: float = 1.0
-    temperature: float = 1.0
-    divergence: str = "forward_kl"
-    tail: str = "bucket"
-    tau_squared: bool = True
-    ignore_index: int = -100
-    beta: float = 0.5
-    reduction: str = "mean"
-
-    def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {DIVERGENCES}")
-        if self.tail not in TAILS:
-            raise ValueError(f"unknown tail {self.tail!r}; choose one of {TAILS}")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"unknown reduction {self.reduction!r}; choose one of {REDUCTIONS}")
-        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
-                and self.temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
-        if not 0.0 <= float(self.beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.beta!r}")
-        if self.ce_weight < 0 or self.kd_weight < 0:
-            raise ValueError(f"ce_weight and kd_weight must be >= 0, got {self.ce_weight}, {self.kd_weight}")
-
-    @property
-    def effective_divergence(self) -> str:
-        return effective_divergence(self.divergence, float(self.beta))
-
-    @property
-    def kd_scale(self) -> float:
-        """kd_weight times tau^2 when ``tau_squared``."""
-        return float(self.kd_weight) * (self.temperature**2 if self.tau_squared else 1.0)
-
-
-@dataclass
+@dataclasses.dataclass
 class FlatInputs:
     """Inputs flattened to rows, ids widened, validated."""
 
     topk_ids: torch.Tensor  # [N, K] int64
     topk_logprobs: torch.Tensor  # [N, K] original dtype
-    labels: torch.Tensor | None  # [N] int64
-    valid: torch.Tensor  # [N] bool
+    valid: torch.Tensor  # [N] bool: label != ignore_index (all True without labels)
+    # [N] int64: the label where valid, else 0 — an index every gather and scatter may use; the only
+    # place ignored labels are replaced (their rows are masked by ``valid`` everywhere)
+    safe_labels: torch.Tensor
     teacher_lse: torch.Tensor | None  # [N]
     teacher_lse_at_temperature: torch.Tensor | None  # [N]
     lead_shape: torch.Size
+
+    def rows(self, start: int, stop: int) -> FlatInputs:
+        """Rows [start, stop) as views (a chunk of :func:`kdlib.kd_loss_from_hidden`)."""
+
+        def cut(x):
+            return None if x is None else x[start:stop]
+
+        return dataclasses.replace(
+            self, topk_ids=self.topk_ids[start:stop], topk_logprobs=self.topk_logprobs[start:stop],
+            valid=self.valid[start:stop], safe_labels=self.safe_labels[start:stop],
+            teacher_lse=cut(self.teacher_lse), teacher_lse_at_temperature=cut(self.teacher_lse_at_temperature),
+            lead_shape=torch.Size([stop - start]))
 
 
 def _check_shape(name: str, tensor: torch.Tensor, expected: tuple, hint: str) -> None:
@@ -76,27 +53,38 @@ def _check_shape(name: str, tensor: torch.Tensor, expected: tuple, hint: str) ->
         raise ValueError(f"{name} has shape {tuple(tensor.shape)} but {tuple(expected)} was expected ({hint})")
 
 
-def flatten_targets(
-    lead: tuple,
-    vocab: int,
-    device: torch.device,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    labels: torch.Tensor | None,
-    teacher_lse: torch.Tensor | None,
-    teacher_lse_at_temperature: torch.Tensor | None,
-    config: LossConfig,
-    validate: bool = True,
-) -> FlatInputs:
-    """Check shapes/dtypes/ranges against the student's leading dims ``lead`` and vocabulary ``vocab`` and
-    flatten every [..., X] target to [N, X]. Raises ValueError saying what is wrong and how to fix it.
+def _check_topk(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, lead: tuple, vocab: int,
+                device: torch.device) -> None:
+    if topk_ids.dim() != len(lead) + 1 or tuple(topk_ids.shape[:-1]) != lead:
+        raise ValueError(
+            f"topk_ids has shape {tuple(topk_ids.shape)}; expected {lead + ('K',)} matching the student's "
+            f"leading dims {lead}")
+    k = topk_ids.shape[-1]
+    _check_shape("topk_logprobs", topk_logprobs, lead + (k,), "same shape as topk_ids")
+    if k < 1 or k > vocab:
+        raise ValueError(f"top-k size K={k} must be in [1, V={vocab}]")
+    if topk_ids.is_floating_point() or topk_ids.dtype == torch.bool or topk_ids.is_complex():
+        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if not topk_logprobs.is_floating_point():
+        raise ValueError(f"topk_logprobs must be a float tensor, got {topk_logprobs.dtype}")
+    if topk_ids.device != device or topk_logprobs.device != device:
+        raise ValueError(f"topk_ids/topk_logprobs are on {topk_ids.device}/{topk_logprobs.device} but the "
+                         f"student logits on {device}; move the batch to the student's device")
 
-    Shape and dtype checks read only metadata. The range checks of ``topk_ids`` and ``labels`` read the
-    data: on CUDA they cost ONE host-device synchronization per call (both reduced on the device, one
-    ``.item()``); ``validate=False`` skips them (out-of-range ids then give undefined results or a device
-    assert instead of a clear error)."""
-    return _flatten(device, topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_at_temperature, config,
-                    tuple(lead), int(vocab), bool(validate))
+
+def _flat_labels(labels: torch.Tensor | None, lead: tuple, n: int, device: torch.device,
+                 options: KDLossOptions) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Labels [N] int64 (None without labels) and the valid mask [N]."""
+    if labels is None:
+        if options.ce_weight > 0:
+            raise ValueError("ce_weight > 0 needs labels: pass labels=... (ignore_index marks positions "
+                             "without a target) or set ce_weight=0")
+        return None, torch.ones(n, dtype=torch.bool, device=device)
+    _check_shape("labels", labels, lead, "one label per position")
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    flat_labels = labels.reshape(n).to(device=device, dtype=torch.int64)
+    return flat_labels, flat_labels != options.ignore_index
 
 
 def _range_errors(ids: torch.Tensor, labels: torch.Tensor | None, valid: torch.Tensor, vocab: int,
@@ -116,66 +104,66 @@ def _range_errors(ids: torch.Tensor, labels: torch.Tensor | None, valid: torch.T
     raise ValueError(f"labels contain values outside [0, V={vocab}) that are not ignore_index={ignore_index}")
 
 
-def _flatten(device, topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_t, config, lead, vocab, validate):
-    if topk_ids.dim() != len(lead) + 1 or tuple(topk_ids.shape[:-1]) != lead:
-        raise ValueError(
-            f"topk_ids has shape {tuple(topk_ids.shape)}; expected {lead + ('K',)} matching the student's "
-            f"leading dims {lead}")
-    k = topk_ids.shape[-1]
-    _check_shape("topk_logprobs", topk_logprobs, lead + (k,), "same shape as topk_ids")
-    if k < 1 or k > vocab:
-        raise ValueError(f"top-k size K={k} must be in [1, V={vocab}]")
-    if topk_ids.is_floating_point() or topk_ids.dtype == torch.bool or topk_ids.is_complex():
-        raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
-    if not topk_logprobs.is_floating_point():
-        raise ValueError(f"topk_logprobs must be a float tensor, got {topk_logprobs.dtype}")
-    if topk_ids.device != device or topk_logprobs.device != device:
-        raise ValueError(f"topk_ids/topk_logprobs are on {topk_ids.device}/{topk_logprobs.device} but the "
-                         f"student logits on {device}; move the batch to the student's device")
-    n = math.prod(lead)
-    ids = topk_ids.reshape(n, k).to(torch.int64)  # widen on the device (uint16/int32 from the cache)
-    if labels is not None:
-        _check_shape("labels", labels, lead, "one label per position")
-        if labels.is_floating_point():
-            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-        flat_labels = labels.reshape(n).to(device=device, dtype=torch.int64)
-        valid = flat_labels != config.ignore_index
-    else:
-        if config.ce_weight > 0:
-            raise ValueError("ce_weight > 0 needs labels: pass labels=... (ignore_index marks positions "
-                             "without a target) or set ce_weight=0")
-        flat_labels = None
-        valid = torch.ones(n, dtype=torch.bool, device=device)
-    if validate and n > 0:
-        _range_errors(ids, flat_labels, valid, vocab, config.ignore_index)
-    needs_lse = config.temperature != 1.0 and config.tail in ("bucket", "none") and config.kd_weight > 0
-    if needs_lse and (teacher_lse is None or teacher_lse_t is None):
+def _flat_teacher_lse(teacher_lse: torch.Tensor | None, teacher_lse_t: torch.Tensor | None, lead: tuple, n: int,
+                      device: torch.device, options: KDLossOptions):
+    """The teacher's lse pair as [N] each when D needs it (``bucket``/``none`` at τ ≠ 1), else (None, None)."""
+    if not options.needs_teacher_lse:
+        return None, None
+    if teacher_lse is None or teacher_lse_t is None:
         missing = [nm for nm, v in (("teacher_lse", teacher_lse), ("teacher_lse_at_temperature", teacher_lse_t))
                    if v is None]
+        tau = options.temperature
         raise ValueError(
-            f"tail={config.tail!r} at temperature={config.temperature:g} needs the teacher's full-vocabulary "
+            f"tail={options.tail!r} at temperature={tau:g} needs the teacher's full-vocabulary "
             f"logsumexp at that temperature, but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
-            f"missing. Build the cache with --temperatures {config.temperature:g} (kd_loss_from_batch then "
-            f"finds 'lse' and 'lse_t{config.temperature:g}'), or use tail='renormalize', which needs only "
-            "the top-k.")
-    flat_lse = flat_lse_t = None
-    if needs_lse:
-        _check_shape("teacher_lse", teacher_lse, lead, "one value per position")
-        _check_shape("teacher_lse_at_temperature", teacher_lse_t, lead, "one value per position")
-        flat_lse = teacher_lse.reshape(n).to(device=device)
-        flat_lse_t = teacher_lse_t.reshape(n).to(device=device)
+            f"missing. Build the cache with --temperatures {tau:g} (kd_loss_from_batch then finds 'lse' and "
+            f"'lse_t{tau:g}'), or use tail='renormalize', which needs only the top-k.")
+    _check_shape("teacher_lse", teacher_lse, lead, "one value per position")
+    _check_shape("teacher_lse_at_temperature", teacher_lse_t, lead, "one value per position")
+    return teacher_lse.reshape(n).to(device=device), teacher_lse_t.reshape(n).to(device=device)
+
+
+def flatten_targets(
+    lead: tuple,
+    vocab: int,
+    device: torch.device,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    labels: torch.Tensor | None,
+    teacher_lse: torch.Tensor | None,
+    teacher_lse_at_temperature: torch.Tensor | None,
+    options: KDLossOptions,
+    validate: bool = True,
+) -> FlatInputs:
+    """Check shapes/dtypes/ranges against the student's leading dims ``lead`` and vocabulary ``vocab`` and
+    flatten every [..., X] target to [N, X]. Raises ValueError saying what is wrong and how to fix it.
+
+    Shape and dtype checks read only metadata. The range checks of ``topk_ids`` and ``labels`` read the
+    data: on CUDA they cost ONE host-device synchronization per call (both reduced on the device, one
+    ``.item()``); ``validate=False`` skips them (out-of-range ids then give undefined results or a device
+    assert instead of a clear error)."""
+    lead, vocab = tuple(lead), int(vocab)
+    _check_topk(topk_ids, topk_logprobs, lead, vocab, device)
+    n, k = math.prod(lead), topk_ids.shape[-1]
+    ids = topk_ids.reshape(n, k).to(torch.int64)  # widen on the device (uint16/int32 from the cache)
+    flat_labels, valid = _flat_labels(labels, lead, n, device, options)
+    if validate and n > 0:
+        _range_errors(ids, flat_labels, valid, vocab, options.ignore_index)
+    flat_lse, flat_lse_t = _flat_teacher_lse(teacher_lse, teacher_lse_at_temperature, lead, n, device, options)
+    safe_labels = torch.where(valid, flat_labels, 0) if flat_labels is not None else torch.zeros_like(
+        valid, dtype=torch.int64)
     return FlatInputs(
         topk_ids=ids,
         topk_logprobs=topk_logprobs.reshape(n, k),
-        labels=flat_labels,
         valid=valid,
+        safe_labels=safe_labels,
         teacher_lse=flat_lse,
         teacher_lse_at_temperature=flat_lse_t,
         lead_shape=torch.Size(lead),
     )
 
 
-def teacher_side(flat: FlatInputs, config: LossConfig, dtype: torch.dtype):
+def teacher_side(flat: FlatInputs, options: KDLossOptions, dtype: torch.dtype):
     """Teacher log-probs on S at the loss temperature [N, K] and log tail mass [N] (or None).
 
     * τ = 1: log q_i = ℓ_i (the cached log-probs are already relative to the full vocabulary).
@@ -184,16 +172,26 @@ def teacher_side(flat: FlatInputs, config: LossConfig, dtype: torch.dtype):
     * bucket: tail log(1 − Q) = log(−expm1(logsumexp log q)), floored at TAIL_FLOOR (a rounded cache can
       give Q ≥ 1).
     """
-    tau = config.temperature
+    tau = options.temperature
     lp = flat.topk_logprobs.to(dtype)  # [N, K]
-    if config.tail == "renormalize":
+    if options.tail == "renormalize":
         return torch.log_softmax(lp / tau, dim=-1), None
     if tau == 1.0:
         logq = lp
     else:
         logq = (lp + flat.teacher_lse.to(dtype).unsqueeze(-1)) / tau - flat.teacher_lse_at_temperature.to(
             dtype).unsqueeze(-1)
-    if config.tail != "bucket":
+    if options.tail != "bucket":
         return logq, None
     tail_mass = -torch.expm1(torch.logsumexp(logq, dim=-1))  # [N]
     return logq, tail_mass.clamp_min(TAIL_FLOOR).log()
+
+
+def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, lead_shape) -> torch.Tensor:
+    """Mean over valid rows (0.0 when none is valid), sum, or per-position losses [...]."""
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1).to(total.dtype)

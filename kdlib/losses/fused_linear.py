@@ -23,38 +23,31 @@ gradient buffers, no [C, V] gradient, no extra matmuls.
 
 from __future__ import annotations
 
-import dataclasses
+from typing import Any
 
 import torch
 
-from ._inputs import BACKENDS, FlatInputs, LossConfig, flatten_targets
-from .fused import get_backend, resolve_backend, row_loss_and_grad_coefs
+from ._inputs import FlatInputs, flatten_targets
+from .backends import get_backend, resolve_backend
+from .fused import row_loss_and_grad_coefs
+from .options import KDLossOptions, resolve_options
+from .torch_pass import compute_dtype
 
 __all__ = ["kd_loss_from_hidden"]
-
-
-def _slice_rows(flat: FlatInputs, r0: int, r1: int) -> FlatInputs:
-    def cut(x):
-        return None if x is None else x[r0:r1]
-
-    return dataclasses.replace(
-        flat, topk_ids=flat.topk_ids[r0:r1], topk_logprobs=flat.topk_logprobs[r0:r1], labels=cut(flat.labels),
-        valid=flat.valid[r0:r1], teacher_lse=cut(flat.teacher_lse),
-        teacher_lse_at_temperature=cut(flat.teacher_lse_at_temperature), lead_shape=torch.Size([r1 - r0]))
 
 
 class FusedLinearSparseKDFunction(torch.autograd.Function):
     """Scalar loss from hidden [N, H] and W [V, H]; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, flat: FlatInputs, config: LossConfig, backend: str, chunk_size: int,
-                grad_wanted: bool):
+    def forward(ctx, hidden, weight, bias, flat: FlatInputs, options: KDLossOptions, backend: str, grad_wanted: bool):
         backend_mod = get_backend(backend)
         n = hidden.shape[0]
-        acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        chunk_size = int(options.chunk_size)
+        acc_dtype = compute_dtype(hidden.dtype)
         # a device tensor, not a Python number: int(valid.sum()) would be a host-device sync per call
         row_scale = torch.ones((), dtype=acc_dtype, device=hidden.device)
-        if config.reduction == "mean":
+        if options.reduction == "mean":
             row_scale = 1.0 / flat.valid.sum().clamp_min(1).to(acc_dtype)
         # needs_input_grad only reflects requires_grad; under torch.no_grad() it stays True, so the caller
         # passes grad_wanted (grad mode was on) and nothing gradient-related is computed in eval loops
@@ -70,19 +63,17 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
             r1 = min(n, r0 + chunk_size)
             h = hidden[r0:r1]  # [C, H]
             logits = h @ weight.t() if bias is None else torch.addmm(bias, h, weight.t())  # [C, V]
-            sub = _slice_rows(flat, r0, r1)
-            out = row_loss_and_grad_coefs(logits, sub, config, backend_mod)
+            sub = flat.rows(r0, r1)
+            out = row_loss_and_grad_coefs(logits, sub, options, backend_mod)
             total += out.rows.sum().to(acc_dtype)
             if not (need_hidden or need_weight or need_bias):
                 continue  # forward only: no [C, V] gradient, no matmuls
-            safe_labels = torch.where(sub.valid, sub.labels, 0) if sub.labels is not None \
-                else torch.zeros_like(sub.valid, dtype=torch.int64)
             # the chunk's gradient straight in the accumulator dtype: no rounding to bf16 before the
             # reduction over rows in grad_W (the pass computes in fp32 anyway)
             grad_logits = backend_mod.write_grad(
-                logits, sub.topk_ids, safe_labels, out.lse_1, out.lse_t, out.coef_1 * row_scale,
-                out.coef_t * row_scale, out.grad_on_support * row_scale, config.temperature,
-                out_dtype=acc_dtype)  # [C, V] fp32 (fp64 for fp64 inputs)
+                logits, sub.topk_ids, sub.safe_labels, out.lse_1, out.lse_t, out.coef_1 * row_scale,
+                out.coef_t * row_scale, out.grad_on_support * row_scale, options.temperature,
+                chunk_rows=options.chunk_rows, out_dtype=acc_dtype)  # [C, V] fp32 (fp64 for fp64 inputs)
             del logits
             if need_hidden:
                 g_low = grad_logits if hidden.dtype == acc_dtype else grad_logits.to(hidden.dtype)  # [C, V]
@@ -110,7 +101,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
         gh = None if grad_hidden is None else grad_hidden * grad_output
         gw = None if grad_weight is None else grad_weight * grad_output
         gb = None if grad_bias is None else grad_bias * grad_output
-        return gh, gw, gb, None, None, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def kd_loss_from_hidden(
@@ -121,27 +112,18 @@ def kd_loss_from_hidden(
     *,
     lm_head_bias: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    ce_weight: float = 0.0,
-    kd_weight: float = 1.0,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    tail: str = "bucket",
-    tau_squared: bool = True,
-    ignore_index: int = -100,
-    beta: float = 0.5,
     teacher_lse: torch.Tensor | None = None,
     teacher_lse_at_temperature: torch.Tensor | None = None,
-    backend: str = "auto",
-    reduction: str = "mean",
-    chunk_size: int = 1024,
-    validate: bool = True,
+    options: KDLossOptions | None = None,
+    **option_kwargs: Any,
 ) -> torch.Tensor:
     """:func:`kdlib.kd_loss` of ``hidden @ lm_head_weightᵀ + lm_head_bias`` without materializing it.
 
-    Same options and definitions as :func:`kdlib.kd_loss` (reduction ``mean`` or ``sum`` only). Gradients
-    for ``hidden``, ``lm_head_weight`` and ``lm_head_bias`` are computed during the forward, ``chunk_size``
-    rows at a time, so peak memory is O(chunk_size × V) instead of O(N × V). Under ``torch.no_grad()`` (or
-    when no input requires grad) only the loss is computed, at the cost of a forward.
+    Same options and definitions as :func:`kdlib.kd_loss` (reduction ``mean`` or ``sum`` only, backend not
+    ``reference``), plus ``chunk_size``. Gradients for ``hidden``, ``lm_head_weight`` and ``lm_head_bias``
+    are computed during the forward, ``chunk_size`` rows at a time, so peak memory is O(chunk_size × V)
+    instead of O(N × V). Under ``torch.no_grad()`` (or when no input requires grad) only the loss is
+    computed, at the cost of a forward.
 
     Args:
         hidden: [..., H] final hidden states (after the final norm).
@@ -149,33 +131,28 @@ def kd_loss_from_hidden(
         topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_at_temperature: as in kd_loss, with
             leading dims equal to hidden's.
         lm_head_bias: optional [V].
-        chunk_size: rows per chunk (memory ∝ chunk_size × V).
-        validate: range-check ids and labels (one host-device sync on CUDA); see :func:`kdlib.kd_loss`.
+        options: a :class:`~kdlib.losses.options.KDLossOptions` (default: every default).
+        **option_kwargs: its fields as keywords (replacing those of ``options``): ``ce_weight``,
+            ``kd_weight``, ``temperature``, ``divergence``, ``tail``, ``tau_squared``, ``ignore_index``,
+            ``beta``, ``reduction``, ``backend``, ``validate``, ``chunk_rows``, ``chunk_size`` (rows per chunk,
+            default 1024; memory ∝ chunk_size × V).
 
     Returns:
         Scalar loss (fp32; fp64 for fp64 inputs).
     """
-    config = LossConfig(ce_weight, kd_weight, temperature, divergence, tail, tau_squared, ignore_index, beta,
-                        reduction)
-    if reduction == "none":
-        raise ValueError("kd_loss_from_hidden supports reduction='mean' or 'sum' (gradients are computed in the "
-                         "forward); use kd_loss on materialized logits for per-position losses")
-    if backend not in BACKENDS or backend == "reference":
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton' for kd_loss_from_hidden, got {backend!r}")
+    options = resolve_options(options, option_kwargs, entry_point="kd_loss_from_hidden")
     if lm_head_weight.dim() != 2 or hidden.shape[-1] != lm_head_weight.shape[1]:
         raise ValueError(f"lm_head_weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
                          f"got {tuple(lm_head_weight.shape)}")
     vocab = lm_head_weight.shape[0]
     if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
         raise ValueError(f"lm_head_bias must be [V={vocab}], got {tuple(lm_head_bias.shape)}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     lead = tuple(hidden.shape[:-1])
     flat = flatten_targets(lead, vocab, hidden.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, config, validate=validate)
+                           teacher_lse_at_temperature, options, validate=options.validate)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
-    resolved = resolve_backend(backend, hidden.device)
+    resolved = resolve_backend(options.backend, hidden.device)
     grad_wanted = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias))
-    return FusedLinearSparseKDFunction.apply(hidden_2d, lm_head_weight, lm_head_bias, flat, config, resolved,
-                                             int(chunk_size), grad_wanted)
+    return FusedLinearSparseKDFunction.apply(hidden_2d, lm_head_weight, lm_head_bias, flat, options, resolved,
+                                             grad_wanted)

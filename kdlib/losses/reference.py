@@ -12,12 +12,15 @@ per-id terms over the whole vocabulary instead of using the tail-category shortc
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ._inputs import LossConfig, flatten_targets, teacher_side
+from ._inputs import flatten_targets, reduce_rows, teacher_side
+from .options import KDLossOptions, resolve_options
 from .sparse_math import LOG_TAIL_FLOOR
+from .torch_pass import compute_dtype
 
 __all__ = ["kd_loss_reference"]
 
@@ -40,34 +43,31 @@ def kd_loss_reference(
     topk_logprobs: torch.Tensor,
     *,
     labels: torch.Tensor | None = None,
-    ce_weight: float = 0.0,
-    kd_weight: float = 1.0,
-    temperature: float = 1.0,
-    divergence: str = "forward_kl",
-    tail: str = "bucket",
-    tau_squared: bool = True,
-    ignore_index: int = -100,
-    beta: float = 0.5,
     teacher_lse: torch.Tensor | None = None,
     teacher_lse_at_temperature: torch.Tensor | None = None,
-    reduction: str = "mean",
+    options: KDLossOptions | None = None,
+    **option_kwargs: Any,
 ) -> torch.Tensor:
-    """Same contract as :func:`kdlib.kd_loss` (see its docstring for every mode), computed naively."""
-    config = LossConfig(ce_weight, kd_weight, temperature, divergence, tail, tau_squared, ignore_index, beta,
-                        reduction)
+    """Same contract as :func:`kdlib.kd_loss` (see its docstring for every mode), computed naively.
+
+    Takes the loss settings (``ce_weight`` ... ``reduction``) as keywords or ``options=``; ``backend``,
+    ``validate`` and the chunking of an options object do not apply (ids and labels are always checked).
+    """
+    options = resolve_options(options, option_kwargs, entry_point="kd_loss_reference")
     vocab = student_logits.shape[-1]
     lead = tuple(student_logits.shape[:-1])
     flat = flatten_targets(lead, vocab, student_logits.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, config)
-    dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+                           teacher_lse_at_temperature, options)
+    dtype = compute_dtype(student_logits.dtype)
     z = student_logits.reshape(-1, vocab).to(dtype)  # [N, V]
-    div = config.effective_divergence
-    beta = float(beta)
+    div = options.effective_divergence
+    beta = float(options.beta)
+    tail = options.tail
 
-    logp = torch.log_softmax(z / temperature, dim=-1)  # [N, V]
+    logp = torch.log_softmax(z / options.temperature, dim=-1)  # [N, V]
     logp_s = logp.gather(-1, flat.topk_ids)  # [N, K]
     p_s = logp_s.exp()
-    logq, log_tq = teacher_side(flat, config, dtype)
+    logq, log_tq = teacher_side(flat, options, dtype)
     q = logq.exp()  # [N, K]
 
     if tail == "none" or (tail == "renormalize" and div == "reverse_kl"):
@@ -83,14 +83,8 @@ def kd_loss_reference(
 
     valid = flat.valid
     zero = torch.zeros((), dtype=dtype, device=z.device)
-    rows = torch.where(valid, kd_weight * (temperature**2 if tau_squared else 1.0) * d, zero)
-    if ce_weight > 0:
-        safe_labels = torch.where(valid, flat.labels, 0)
-        ce = F.cross_entropy(z, safe_labels, reduction="none")
-        rows = rows + torch.where(valid, ce_weight * ce, zero)
-    if reduction == "none":
-        return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp_min(1)
+    rows = torch.where(valid, options.kd_scale * d, zero)
+    if options.ce_weight > 0:
+        ce = F.cross_entropy(z, flat.safe_labels, reduction="none")
+        rows = rows + torch.where(valid, options.ce_weight * ce, zero)
+    return reduce_rows(rows, valid, options.reduction, lead)

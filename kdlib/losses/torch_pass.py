@@ -17,26 +17,18 @@ a chunk ends in an OpenMP barrier, and with ~1 MB chunks the thousands of barrie
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, TypeVar
 
 import torch
 
-from .sparse_math import LOG_TAIL_FLOOR
+__all__ = ["row_stats", "write_grad", "chunk_rows_for", "compute_dtype", "CHUNK_ELEMENTS"]
 
-__all__ = ["RowStats", "row_stats", "write_grad", "chunk_rows_for"]
+Stats = TypeVar("Stats")
 
 # Elements per row chunk: 2^23, i.e. 32 MB of fp32. Few, large ops: each op is an OpenMP barrier, and on a
 # busy CPU thousands of small-chunk barriers cost more than the cache locality of L2-sized chunks gains
 # (1 MB chunks: 7x CE's time on a loaded 2-core box; 32 MB: 0.61x CE's time on a quiet one).
 CHUNK_ELEMENTS = 1 << 23
-
-
-class RowStats(NamedTuple):
-    lse_1: torch.Tensor  # [N] logsumexp(z)     (== lse_t when τ = 1)
-    lse_t: torch.Tensor  # [N] logsumexp(z / τ)
-    logits_on_support: torch.Tensor  # [N, K] z at the top-k ids
-    logit_at_label: torch.Tensor  # [N] z at the label (0 where the label is ignored)
-    log_tail: torch.Tensor | None  # [N] log Σ_{j∉S} softmax(z/τ)_j, floored; None if not requested
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -56,7 +48,13 @@ def row_stats(
     need_lse_1: bool,
     need_tail: bool,
     chunk_rows: int | None = None,
-) -> RowStats:
+    *,
+    log_tail_floor: float,
+    stats_type: Callable[..., Stats],
+) -> Stats:
+    """lse_1, lse_t [N], z on S [N, K], z at the label [N] and the floored log tail [N] (or None) in the compute
+    dtype, as ``stats_type(lse_1=, lse_t=, logits_on_support=, logit_at_label=, log_tail=)`` (the caller's record,
+    :class:`kdlib.losses.backends.RowStats`)."""
     n, vocab = logits.shape
     cdt = compute_dtype(logits.dtype)
     chunk_rows = chunk_rows or chunk_rows_for(vocab)
@@ -88,8 +86,9 @@ def row_stats(
         if need_tail:
             # zero S and sum again: the complement's mass without the cancellation of 1 − Σ_S p
             buf.scatter_(1, ids, 0.0)
-            log_tail[r0:r1] = (buf.sum(1).log() - total.log()).clamp_min(LOG_TAIL_FLOOR)
-    return RowStats(lse_1, lse_t, z_support, z_label, log_tail)
+            log_tail[r0:r1] = (buf.sum(1).log() - total.log()).clamp_min(log_tail_floor)
+    return stats_type(lse_1=lse_1, lse_t=lse_t, logits_on_support=z_support, logit_at_label=z_label,
+                      log_tail=log_tail)
 
 
 @torch.no_grad()

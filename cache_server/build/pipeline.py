@@ -1,0 +1,246 @@
+"""The build's main loop: teacher forward → targets on the device → a background thread that writes shards.
+
+Shape notation::
+
+    B  sequences per forward batch (--batch-size)     T  sequence length (--seq-len)
+    V  teacher vocabulary size                          K  top-k kept per position
+
+Per batch of B rows of one pending shard::
+
+    main thread:   logits = teacher(ids)                      # [B, T, V] on the device
+                   targets = compute_targets(logits, ids)     # top-k, lse, lse_t, nll, entropy in fp32
+                   start device→host copies, enqueue           # bounded queue: at most a few batches ahead
+    writer thread: wait for the copy, cast, fill the shard buffers, and when a shard is full
+                   CacheWriter.write_shard (compress, fsync, journal)
+
+Batches never cross shard boundaries, so a resumed build runs exactly the same batches as an uninterrupted
+one (same batch size ⇒ bitwise-identical shard files).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cache_server import format as fmt
+from cache_server.build.options import NonFiniteLogitsError
+from cache_server.build.targets import compute_targets, workspace_numel
+from cache_server.build.teacher import forward_logits
+from cache_server.build.writer import CacheWriter
+
+__all__ = ["PipelineStats", "run_pipeline"]
+
+
+class _ShardAssembler(threading.Thread):
+    """Background thread: collects batches into whole shards and writes them through CacheWriter.
+
+    Threads: compression is left at the libraries' defaults on purpose. zarr sets
+    ``numcodecs.blosc.use_threads = False`` at import, so Blosc's own thread pool (``set_nthreads``) is never
+    used; each inner chunk is compressed single-threaded in zarr's asyncio worker pool. On a 2-core CPU box
+    (forward on both cores) we measured the alternatives with benchmarks/bench_build.py-style interleaved
+    runs: capping zarr's pool at one worker, or renicing the writer and zarr threads to nice 10, both left
+    the build at 1.03-1.06x the forward+targets time of a small teacher with 8-sequence shards, the same as
+    the defaults within noise. That cost is mostly per-shard fixed work (zarr metadata, fsyncs, checksums),
+    not compression, so it shrinks with real shard sizes; on a GPU box the writer has idle cores anyway.
+    """
+
+    def __init__(self, writer: CacheWriter, layout: fmt.CacheLayout, maxsize: int) -> None:
+        super().__init__(name="kdcache-shard-writer", daemon=True)
+        self.writer, self.layout = writer, layout
+        self.queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self.error: BaseException | None = None
+        self.shards_written = 0
+        self.shard_bytes = 0
+        self.cpu_s = 0.0
+        self.write_s = 0.0
+        self.on_shard: Callable[[int], None] | None = None
+        self._specs = {spec.name: spec for spec in layout.arrays()}
+        self._buffers: dict[str, np.ndarray] = {}
+        self._shard = -1
+        self._rows_filled = 0
+
+    def put(self, item) -> None:
+        """Enqueue (blocks while the queue is full); re-raises the writer's error in the caller."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        """Finish every queued shard, stop the thread, re-raise its error."""
+        if self.is_alive():
+            self.put(None)
+            self.join()
+        if self.error is not None:
+            raise self.error
+
+    def run(self) -> None:
+        start_cpu = time.thread_time()
+        try:
+            while True:
+                item = self.queue.get()
+                if item is None:
+                    return
+                self._add_batch(*item)
+        except BaseException as exc:  # surfaced to the main thread by put()/close()
+            self.error = exc
+        finally:
+            self.cpu_s = time.thread_time() - start_cpu
+
+    def _add_batch(self, shard_index: int, row0: int, tensors: dict[str, torch.Tensor], ready) -> None:
+        if ready is not None:
+            ready.synchronize()  # the device→host copies of this batch have landed
+        start, stop = self.layout.shard_range(shard_index)
+        if shard_index != self._shard:
+            self._shard, self._rows_filled = shard_index, 0
+            self._buffers = {n: np.empty(s.shape(stop - start), dtype=s.dtype) for n, s in self._specs.items()}
+        finite = tensors["finite"].numpy()  # [b, T]
+        if not finite.all():
+            row, pos = (int(v) for v in np.argwhere(~finite)[0])
+            raise NonFiniteLogitsError(
+                f"the teacher produced NaN/inf logits at sequence {start + row0 + row}, position {pos} "
+                f"(shard {shard_index}); the build stopped and nothing from this shard on was written "
+                "(earlier shards are kept). Check the teacher weights / --dtype (float16 overflows easily; "
+                "try --dtype bfloat16 or float32)"
+            )
+        rows = finite.shape[0]
+        for name, spec in self._specs.items():
+            # Casts here are exact for ids (< vocab ≤ dtype max) and round-to-nearest for fp16 logprobs.
+            self._buffers[name][row0 : row0 + rows] = tensors[name].numpy().astype(spec.dtype, copy=False)
+        self._rows_filled += rows
+        if self._rows_filled == stop - start:
+            t0 = time.perf_counter()
+            entry = self.writer.write_shard(shard_index, self._buffers)
+            self.write_s += time.perf_counter() - t0
+            self.shards_written += 1
+            self.shard_bytes += sum(f["nbytes"] for f in entry["files"].values())
+            self._buffers = {}
+            if self.on_shard is not None:
+                self.on_shard(shard_index)
+
+
+def _to_host(targets: dict[str, torch.Tensor], layout: fmt.CacheLayout, device: torch.device):
+    """Shrink on the device (ids→int32, logprobs→fp16 if stored so), then start async copies to the host."""
+    targets = dict(targets)
+    targets["topk_ids"] = targets["topk_ids"].to(torch.int32)
+    targets["input_ids"] = targets["input_ids"].to(torch.int32)
+    if layout.logprob_dtype == "float16":
+        targets["topk_logprobs"] = targets["topk_logprobs"].to(torch.float16)
+    if device.type == "cpu":
+        return targets, None
+    if device.type != "cuda":
+        return {k: v.to("cpu") for k, v in targets.items()}, None
+    # Async copies into pinned memory; the writer thread waits on the event, the main thread goes on to
+    # queue the next forward.
+    host = {k: v.to("cpu", non_blocking=True) for k, v in targets.items()}
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+@dataclass
+class PipelineStats:
+    """What one run of the pipeline did, and where its time went."""
+
+    shards_written: int = 0
+    shard_bytes: int = 0
+    forward_s: float = 0.0  # main thread: forward + targets + starting the host copies
+    writer_thread_cpu_s: float = 0.0  # CPU time of the writer thread itself (zarr's own pool not included)
+    writer_write_s: float = 0.0  # writer thread wall time inside CacheWriter.write_shard (compress, write, fsync)
+    drain_s: float = 0.0  # main thread waiting for the writer after the last batch (the last shard's write)
+
+
+def _stop(assembler: _ShardAssembler) -> None:
+    """Stop the writer thread without writing anything queued after a failure; finished shards stay."""
+    if assembler.is_alive():
+        with assembler.queue.mutex:
+            assembler.queue.queue.clear()
+        try:
+            assembler.queue.put_nowait(None)
+        except queue.Full:
+            pass
+        assembler.join()
+
+
+def _forward_batches(model, sequences, layout, pending, batch_size, device, assembler, bar) -> float:
+    """Run every batch of the pending shards through the teacher and hand the results to the writer."""
+    forward_s = 0.0
+    workspace: torch.Tensor | None = None  # reused fp32 scratch of compute_targets (a few row chunks of V)
+    with torch.inference_mode():
+        for shard_index in pending:
+            start, stop = layout.shard_range(shard_index)
+            for b0 in range(start, stop, batch_size):
+                b1 = min(b0 + batch_size, stop)
+                f0 = time.perf_counter()
+                ids = torch.from_numpy(np.array(sequences[b0:b1], dtype=np.int64)).to(device)  # [B, T]
+                logits = forward_logits(model, ids)  # [B, T, V]
+                if workspace is None or workspace.numel() < workspace_numel(logits):
+                    workspace = torch.empty(workspace_numel(logits), dtype=torch.float32, device=device)
+                targets = compute_targets(logits, ids, layout.topk, layout.temperatures, workspace)
+                targets["input_ids"] = ids
+                del logits
+                host, ready = _to_host(targets, layout, device)
+                forward_s += time.perf_counter() - f0
+                assembler.put((shard_index, b0 - start, host, ready))
+                bar.update((b1 - b0) * layout.seq_len)
+    return forward_s
+
+
+def run_pipeline(
+    model: torch.nn.Module,
+    sequences: np.ndarray,
+    writer: CacheWriter,
+    *,
+    device: str,
+    batch_size: int,
+    queue_batches: int = 4,
+    progress: bool = True,
+    desc: str = "kdcache build",
+) -> PipelineStats:
+    """Compute and write every shard ``writer`` still lacks for this rank, with a tqdm progress bar.
+
+    Args:
+        model: the teacher, on ``device``, in eval mode.
+        sequences: [N, T] token ids of the whole cache (rows of the pending shards are read).
+        writer: the cache's writer (its ``pending_shards()`` are computed, in order).
+        device: the teacher's torch device.
+        batch_size: B.
+        queue_batches: batches the main thread may run ahead of the writer thread.
+        progress: show the progress bar.
+        desc: the progress bar's label.
+    """
+    from tqdm.auto import tqdm
+
+    layout = writer.layout
+    pending = writer.pending_shards()
+    pending_tokens = sum(stop - start for start, stop in map(layout.shard_range, pending)) * layout.seq_len
+    bar = tqdm(total=int(pending_tokens), unit="tok", unit_scale=True, desc=desc, disable=not progress,
+               dynamic_ncols=True)
+    assembler = _ShardAssembler(writer, layout, maxsize=max(1, queue_batches))
+    assembler.on_shard = lambda i: bar.set_postfix_str(f"shards {assembler.shards_written}/{len(pending)}")
+    stats = PipelineStats()
+    assembler.start()
+    try:
+        stats.forward_s = _forward_batches(model, sequences, layout, pending, batch_size, torch.device(device),
+                                           assembler, bar)
+        drain0 = time.perf_counter()
+        assembler.close()
+        stats.drain_s = time.perf_counter() - drain0
+    except BaseException:
+        _stop(assembler)
+        raise
+    finally:
+        bar.close()
+    stats.shards_written, stats.shard_bytes = assembler.shards_written, assembler.shard_bytes
+    stats.writer_thread_cpu_s, stats.writer_write_s = assembler.cpu_s, assembler.write_s
+    return stats

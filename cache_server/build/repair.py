@@ -1,0 +1,49 @@
+"""Re-verifying a finished cache before a rerun of its build: which shards must be rebuilt.
+
+Rerunning the same ``kdcache build`` command on a finished cache checks every shard file (this rank's
+shards) against the manifest's size and sha256, with a progress bar. Shards with a damaged or missing file
+are rebuilt (all arrays of the shard, see ``CacheWriter.begin_repair``); an intact cache is left alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from cache_server import format as fmt
+
+__all__ = ["find_damaged_shards"]
+
+
+def find_damaged_shards(
+    cache_dir: str | Path, manifest: Mapping[str, Any], shards: list[int], progress: bool = True
+) -> dict[int, list[str]]:
+    """Check the files of ``shards`` against ``manifest``; return {shard: [what is wrong, ...]} for bad ones.
+
+    Args:
+        cache_dir: the cache directory.
+        manifest: its manifest (already validated by ``fmt.load_manifest``).
+        shards: the shard indices to check (a rank checks its own).
+        progress: show a tqdm bar over the bytes read.
+    """
+    from tqdm.auto import tqdm
+
+    wanted = set(shards)
+    files = [(name, i, path) for name, i, path in fmt.iter_shard_files(cache_dir, manifest) if i in wanted]
+    total = sum(int(manifest["shards"][name][i]["nbytes"]) for name, i, _ in files)
+    damaged: dict[int, list[str]] = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"verifying {len(files)} shard files",
+              disable=not progress, dynamic_ncols=True) as bar:
+        for name, i, path in files:
+            expected = manifest["shards"][name][i]
+            try:
+                raw = path.read_bytes()
+            except FileNotFoundError:
+                damaged.setdefault(i, []).append(f"{name}: the file is missing")
+                continue
+            try:
+                fmt.verify_shard_bytes(raw, expected, name, i, str(path))
+            except fmt.CorruptShardError as exc:
+                damaged.setdefault(i, []).append(f"{name}: {exc.reason}")
+            bar.update(len(raw))
+    return damaged

@@ -1,0 +1,289 @@
+"""The manifest: canonical bytes, parsing, and the one validation every reader, the server and verify rely on.
+
+A cache is finished exactly when ``DIR/manifest.json`` exists (the build writes it last, atomically). Its
+bytes are canonical JSON (:func:`manifest_bytes`), so the same cache always has the same manifest hash, which
+names its decoded copies. :func:`validate_manifest` checks everything code downstream indexes into (the
+fields, their types, the array table, the shard table and how they agree with each other), so that a damaged
+or hand-edited manifest is one clear :class:`CacheError` instead of a KeyError deep inside a reader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from cache_server.format.build_lock import BUILD_STATE_DIR, build_lock_holder
+from cache_server.format.errors import CacheError
+from cache_server.format.layout import CODEC_PRESETS, DEFAULT_CODEC, CacheLayout
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "manifest_bytes",
+    "parse_manifest",
+    "validate_manifest",
+    "load_manifest",
+    "layout_from_manifest",
+]
+
+FORMAT_NAME = "kdcache"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Array names become path components (and URL parts on the server): no separators, no dot-files.
+_ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_POSITIVE_INT_FIELDS = ("num_sequences", "seq_len", "topk", "vocab_size", "shard_seqs", "chunk_seqs", "num_shards")
+_OPTIONAL_STR_FIELDS = ("codec", "tool_version", "created_at", "alignment", "dataset_fingerprint")
+_OPTIONAL_DICT_FIELDS = ("layout", "build_args", "stats", "teacher", "dataset", "tokenizer")
+
+
+def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
+    """Canonical manifest bytes: UTF-8 JSON, sorted keys, 2-space indent, trailing newline."""
+    return (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def parse_manifest(raw: bytes, source: str = "manifest") -> dict[str, Any]:
+    """Parse manifest bytes and validate them with :func:`validate_manifest`.
+
+    Args:
+        raw: the manifest file's bytes.
+        source: where the bytes came from (a path or URL), named in errors.
+
+    Returns:
+        The manifest as a dict.
+
+    Raises:
+        CacheError: the bytes are not JSON, not a kdcache manifest, of another format version, or malformed.
+    """
+    try:
+        manifest = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CacheError(
+            f"{source} is not valid JSON ({exc}); the cache is damaged: copy it again from an intact source "
+            "or rebuild it"
+        ) from exc
+    validate_manifest(manifest, source)
+    return manifest
+
+
+def validate_manifest(manifest: Any, source: str = "manifest") -> CacheLayout:
+    """Check everything a reader, the server and ``kdcache verify`` rely on; return the layout it describes.
+
+    Checked: ``format`` and ``format_version``; the required integer fields (positive integers, not floats or
+    booleans); the types of the optional fields; that the layout they describe is valid (top-k within the
+    vocabulary, shards a multiple of chunks, temperatures positive and not 1); ``num_shards`` equal to
+    ceil(num_sequences / shard_seqs); the ``arrays`` table naming exactly the layout's arrays, with safe names,
+    their shapes and dtypes; the ``layout`` block (when present) agreeing with the top-level fields; and the
+    ``shards`` table holding, for every array, ``num_shards`` entries of ``{"sha256": 64 hex digits,
+    "nbytes": positive int}``. Unknown extra fields are allowed (readers ignore them).
+
+    Args:
+        manifest: a parsed manifest (normally from :func:`parse_manifest`).
+        source: where it came from (a path or URL), named in errors.
+
+    Returns:
+        The :class:`CacheLayout` the manifest describes.
+
+    Raises:
+        CacheError: naming the first problem found.
+    """
+    _check_format(manifest, source)
+    _check_field_types(manifest, source)
+    try:
+        layout = _layout_from_manifest(manifest)
+    except ValueError as exc:
+        raise _malformed(source, f"its layout is invalid ({exc})") from exc
+    _check_arrays(manifest, layout, source)
+    _check_shards(manifest, layout, source)
+    return layout
+
+
+def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``DIR/manifest.json``.
+
+    A directory without one is a build still running (its lock is held), an unfinished build, or not a cache
+    at all; the error says which, and what to do.
+
+    Raises:
+        CacheError: the directory is missing, a file, without a manifest, or its manifest is unusable.
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.exists():
+        raise CacheError(f"cache directory {str(cache_dir)!r} does not exist")
+    if not cache_dir.is_dir():
+        raise CacheError(f"{str(cache_dir)!r} is a file, not a cache directory")
+    path = cache_dir / MANIFEST_NAME
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _no_manifest_error(cache_dir) from None
+    except OSError as exc:
+        raise CacheError(f"cannot read {path}: {exc.strerror or exc}; check its permissions") from exc
+    return parse_manifest(raw, source=str(path))
+
+
+def layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
+    """The layout a manifest describes; a malformed manifest is a CacheError, not a KeyError/ValueError."""
+    try:
+        return _layout_from_manifest(manifest)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CacheError(f"the manifest's layout fields are malformed ({type(exc).__name__}: {exc}); "
+                         "the cache is damaged: copy it again from an intact source or rebuild it") from exc
+
+
+def _layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
+    return CacheLayout(
+        num_sequences=int(manifest["num_sequences"]),
+        seq_len=int(manifest["seq_len"]),
+        topk=int(manifest["topk"]),
+        vocab_size=int(manifest["vocab_size"]),
+        temperatures=tuple(float(t) for t in manifest.get("temperatures", [])),
+        logprob_dtype=str(manifest["arrays"]["topk_logprobs"]["dtype"]),
+        shard_seqs=int(manifest["shard_seqs"]),
+        chunk_seqs=int(manifest["chunk_seqs"]),
+        codec=str(manifest.get("codec", DEFAULT_CODEC)),
+    )
+
+
+def _no_manifest_error(cache_dir: Path) -> CacheError:
+    where = f"{str(cache_dir)!r} has no {MANIFEST_NAME}"
+    holder = build_lock_holder(cache_dir)
+    if holder is not None:
+        return CacheError(
+            f"{where} yet: a `kdcache build` is running on it ({holder}); wait for that build to finish "
+            "(it writes the manifest last), then try again"
+        )
+    if (cache_dir / "zarr.json").exists() or (cache_dir / BUILD_STATE_DIR).exists():
+        return CacheError(
+            f"{where}: unfinished build: rerun the same kdcache build command to resume it (no build is "
+            "running on it now; a rerun with the same arguments writes only the missing shards)"
+        )
+    return CacheError(f"{where}: it is not a kdcache cache (make one with `kdcache build ... --out DIR`)")
+
+
+def _malformed(source: str, problem: str) -> CacheError:
+    return CacheError(
+        f"{source} is malformed: {problem}; the cache is damaged: copy it again from an intact source or "
+        "rebuild it"
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_format(manifest: Any, source: str) -> None:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CacheError(f"{source} is not a kdcache manifest (missing \"format\": \"{FORMAT_NAME}\")")
+    version = manifest.get("format_version")
+    if not _is_int(version) or version != FORMAT_VERSION:
+        raise CacheError(
+            f"{source} has format_version {version!r}, but this kdcache reads only version {FORMAT_VERSION}; "
+            "upgrade kdcache (pip install -U kdcache) or rebuild the cache with this version"
+        )
+
+
+def _check_field_types(manifest: Mapping[str, Any], source: str) -> None:
+    for key in (*_POSITIVE_INT_FIELDS, "arrays", "shards"):
+        if key not in manifest:
+            raise _malformed(source, f"it lacks the required field {key!r}")
+    for key in _POSITIVE_INT_FIELDS:
+        value = manifest[key]
+        if not _is_int(value) or value <= 0:
+            raise _malformed(source, f"field {key!r} must be a positive integer, got {value!r}")
+    for key in _OPTIONAL_STR_FIELDS:
+        if key in manifest and not isinstance(manifest[key], str):
+            raise _malformed(source, f"field {key!r} must be a string, got {manifest[key]!r}")
+    for key in _OPTIONAL_DICT_FIELDS:
+        if key in manifest and not isinstance(manifest[key], dict):
+            raise _malformed(source, f"field {key!r} must be an object, got {type(manifest[key]).__name__}")
+    if manifest.get("codec", DEFAULT_CODEC) not in CODEC_PRESETS:
+        raise _malformed(source, f"codec {manifest['codec']!r} is not one of {sorted(CODEC_PRESETS)}")
+    temperatures = manifest.get("temperatures", [])
+    if not isinstance(temperatures, list) or not all(_is_number(t) and math.isfinite(t) for t in temperatures):
+        raise _malformed(source, f"field 'temperatures' must be a list of numbers, got {temperatures!r}")
+    for key, value in manifest.get("stats", {}).items():
+        if value is not None and not _is_number(value):
+            raise _malformed(source, f"stats field {key!r} must be a number, got {value!r}")
+    _check_array_table_types(manifest["arrays"], source)
+
+
+def _check_array_table_types(arrays: Any, source: str) -> None:
+    if not isinstance(arrays, dict):
+        raise _malformed(source, f"field 'arrays' must be an object, got {type(arrays).__name__}")
+    for name, entry in arrays.items():
+        if not _ARRAY_NAME_RE.match(name):
+            raise _malformed(source, f"it lists an array named {name!r}, which is not a safe file name")
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
+                and all(_is_int(n) and n >= 0 for n in entry["shape"])):
+            raise _malformed(source, f"array {name!r} must be {{\"shape\": [ints], \"dtype\": str}}, got {entry!r}")
+    if "topk_logprobs" not in arrays:
+        raise _malformed(source, "its 'arrays' table lacks 'topk_logprobs'")
+
+
+def _check_arrays(manifest: Mapping[str, Any], layout: CacheLayout, source: str) -> None:
+    if manifest["num_shards"] != layout.num_shards:
+        raise _malformed(
+            source,
+            f"num_shards is {manifest['num_shards']}, but {layout.num_sequences} sequences in shards of "
+            f"{layout.shard_seqs} make {layout.num_shards}",
+        )
+    expected = {
+        spec.name: {"shape": list(spec.shape(layout.num_sequences)), "dtype": spec.dtype.name}
+        for spec in layout.arrays()
+    }
+    arrays = manifest["arrays"]
+    if set(arrays) != set(expected):
+        raise _malformed(
+            source,
+            f"its arrays {sorted(arrays)} are not the ones its layout implies {sorted(expected)}",
+        )
+    for name, want in expected.items():
+        have = {"shape": arrays[name]["shape"], "dtype": arrays[name]["dtype"]}
+        if have != want:
+            raise _malformed(source, f"array {name!r} is recorded as {have}, but the layout implies {want}")
+    recorded_layout = manifest.get("layout")
+    if recorded_layout is not None:
+        derived = dataclasses.asdict(layout)
+        derived["temperatures"] = list(layout.temperatures)
+        for key, value in recorded_layout.items():
+            if key in derived and value != derived[key]:
+                raise _malformed(source, f"layout.{key} is {value!r}, but the top-level fields say {derived[key]!r}")
+
+
+def _check_shards(manifest: Mapping[str, Any], layout: CacheLayout, source: str) -> None:
+    shards = manifest["shards"]
+    if not isinstance(shards, dict):
+        raise _malformed(source, f"field 'shards' must be an object, got {type(shards).__name__}")
+    if set(shards) != set(manifest["arrays"]):
+        raise _malformed(
+            source, f"its shard table covers arrays {sorted(shards)}, but its arrays are {sorted(manifest['arrays'])}"
+        )
+    for name, entries in shards.items():
+        if not isinstance(entries, list) or len(entries) != layout.num_shards:
+            count = len(entries) if isinstance(entries, list) else type(entries).__name__
+            raise _malformed(source, f"array {name!r} lists {count} shards, expected {layout.num_shards}")
+        for index, entry in enumerate(entries):
+            if not (
+                isinstance(entry, dict)
+                and isinstance(entry.get("sha256"), str)
+                and _SHA256_RE.match(entry["sha256"])
+                and _is_int(entry.get("nbytes"))
+                and entry["nbytes"] > 0
+            ):
+                raise _malformed(
+                    source,
+                    f"array {name!r} shard {index} must be {{\"sha256\": 64 lowercase hex digits, \"nbytes\": "
+                    f"positive int}}, got {entry!r}",
+                )

@@ -1,0 +1,325 @@
+"""The decoded-shard store: each stored shard decoded at most once into a memory-mapped ``.npy`` copy.
+
+Shape notation::
+
+    n  sequences in a shard (S, fewer in the last shard)
+
+Decoding a compressed shard costs far more than slicing an uncompressed file, and training reads every
+shard many times (epochs, several DataLoader workers, several ranks), so a reader decodes each shard once
+into a file under the decode directory and memory-maps that file from then on. The store is shared by
+local and remote caches: the source decides where the stored bytes come from, the store checks them
+against the manifest's sha256, decodes them, publishes the copy atomically (with its crc32c, see
+``cache_server.format.decoded``), checks that crc32c the first time a process maps a copy, keeps the
+directory within a byte limit (least recently used copies evicted; file mtime is the recency, so
+processes sharing the directory share one LRU) and decodes ahead in background threads on request.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cache_server import format as fmt
+from cache_server.format import CacheError
+from cache_server.format import decoded as decoded_fmt
+from kdlib.data.sources import ShardSource
+
+__all__ = ["DecodedShardStore"]
+
+log = logging.getLogger(__name__)
+
+_MAP_ATTEMPTS = 3
+
+
+class DecodedShardStore:
+    """Decoded shards of one cache, each decoded at most once into a memory-mapped ``.npy`` file.
+
+    Args:
+        source: where stored shard bytes come from.
+        manifest: the cache manifest (checksums, shapes).
+        decode_dir: directory for this cache's decoded shards (``decoded_cache_dir(root, manifest bytes)``).
+        max_bytes: limit on this cache's decoded files (None: unlimited). The shard just decoded is never
+            evicted, so the directory may briefly exceed the limit by one shard.
+        prefetch_workers: threads decoding ahead (``prefetch`` returns at once).
+        max_open: memory maps kept open in this process (LRU); files stay on disk regardless.
+    """
+
+    _TOUCH_EVERY_S = 5.0
+
+    def __init__(
+        self,
+        source: ShardSource,
+        manifest: Mapping[str, Any],
+        decode_dir: Path,
+        *,
+        max_bytes: int | None = None,
+        prefetch_workers: int = 1,
+        max_open: int = 256,
+    ) -> None:
+        if max_bytes is not None and max_bytes <= 0:
+            raise ValueError(f"the decoded-shard size limit must be positive or None, got {max_bytes}")
+        self.source = source
+        self.manifest = manifest
+        self.layout = fmt.layout_from_manifest(manifest)
+        self.specs = {spec.name: spec for spec in self.layout.arrays()}
+        self.decode_dir = Path(decode_dir)
+        self.max_bytes = max_bytes
+        self.prefetch_workers = int(prefetch_workers)
+        self.max_open = max_open
+        self.evicted = 0
+        self.redecoded = 0  # damaged copies found (crc32c mismatch) and decoded again by this process
+        self._reset_process_state()
+
+    # ------------------------------------------------------------------ process safety
+
+    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_inflight", "_inflight_lock", "_evict_lock", "_touched_s",
+                      "_known_good", "_stale_tmp_checked", "_pid")
+
+    def _reset_process_state(self) -> None:
+        """Maps, locks and threads belong to one process: a forked or unpickled copy starts afresh."""
+        self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None
+        self._inflight: dict[tuple[str, int], Future] = {}
+        self._inflight_lock = threading.Lock()
+        self._evict_lock = threading.Lock()
+        self._touched_s: dict[tuple[str, int], float] = {}
+        # Files this process checked or wrote itself: a copy is checked once per process, not per map.
+        self._known_good: set[tuple[int, int, int]] = set()
+        self._stale_tmp_checked = False
+        self._pid = os.getpid()
+
+    def _check_process(self) -> None:
+        if self._pid != os.getpid():  # forked into a DataLoader worker
+            self._reset_process_state()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in self._PROCESS_STATE}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_process_state()
+
+    # ------------------------------------------------------------------ reading
+
+    def path(self, array: str, shard_index: int) -> Path:
+        """Where the decoded copy of a shard lives (whether or not it exists yet)."""
+        return decoded_fmt.decoded_shard_path(self.decode_dir, array, shard_index)
+
+    def is_decoded(self, array: str, shard_index: int) -> bool:
+        """Whether a decoded copy of the shard is on disk (checked or not)."""
+        return self.path(array, shard_index).exists()
+
+    def get(self, array: str, shard_index: int) -> np.ndarray:
+        """The decoded shard [n, *trailing] as a read-only memory map (decoded first if needed)."""
+        self._check_process()
+        key = (array, shard_index)
+        with self._lock:
+            cached = self._maps.get(key)
+            if cached is not None:
+                self._maps.move_to_end(key)
+                return cached
+        future = self._inflight.get(key)
+        if future is not None:
+            # A background decode of this very shard is under way: its error is this read's error.
+            future.result()
+        mm = self._map(array, shard_index)
+        with self._lock:
+            self._maps[key] = mm
+            while len(self._maps) > self.max_open:
+                self._maps.popitem(last=False)
+        self._touch(key)
+        return mm
+
+    def _map(self, array: str, shard_index: int) -> np.ndarray:
+        """Map the decoded copy, decoding it when absent, damaged or of the wrong shape."""
+        path = self.path(array, shard_index)
+        spec = self.specs[array]
+        start, stop = self.layout.shard_range(shard_index)
+        expected_shape = tuple(spec.shape(stop - start))
+        for _ in range(_MAP_ATTEMPTS):
+            if not path.exists():
+                self._decode_to(path, array, shard_index)
+            try:
+                mm, problem = decoded_fmt.map_decoded_copy(path, known_good=self._known_good)
+            except FileNotFoundError:
+                continue  # evicted by another process between decode and map: decode again
+            if problem is None and (mm.shape != expected_shape or mm.dtype != spec.dtype):
+                problem = f"holds {mm.dtype}{list(mm.shape)}, expected {spec.dtype}{list(expected_shape)}"
+            if problem is None:
+                return mm
+            self._discard_damaged(path, array, shard_index, problem)
+        raise CacheError(f"decoded shard {path} keeps disappearing or failing its check: is the decoded-shard "
+                         "size limit too small, or is the disk under the decode directory failing?")
+
+    def _discard_damaged(self, path: Path, array: str, shard_index: int, problem: str) -> None:
+        log.warning("kdcache: decoded copy of %r shard %d at %s %s; decoding it again from the stored shard",
+                    array, shard_index, path, problem)
+        self.redecoded += 1
+        path.unlink(missing_ok=True)
+        with self._lock:
+            self._maps.pop((array, shard_index), None)
+
+    def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
+        spec = self.specs[array]
+        ndim = 1 + len(spec.trailing_shape)
+        raw = self.source.read_shard(array, shard_index, ndim)
+        expected = self.manifest["shards"][array][shard_index]
+        fmt.verify_shard_bytes(raw, expected, array, shard_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        start, stop = self.layout.shard_range(shard_index)
+        self._remove_stale_tmp_files()
+        # Decode straight into the file's memory map: one pass, no intermediate buffer.
+        out = decoded_fmt.create_decoded_copy(tmp, spec.dtype, spec.shape(stop - start))
+        try:
+            try:
+                _allocate(tmp)  # a full disk is a clean OSError here, not a SIGBUS while writing the map
+                fmt.decode_shard(raw, spec, self.layout, shard_index, out=out)
+                out.flush()  # msync: the data is on disk before the checksum is taken and the rename
+            finally:
+                del out  # unmap before the checksum and the rename
+            decoded_fmt.publish_decoded_copy(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:
+            self._known_good.add(decoded_fmt.file_identity(path))  # written here: no need to check it again
+        except FileNotFoundError:
+            pass  # evicted already by another process; the map attempt decodes again
+        self._touched_s[(array, shard_index)] = time.monotonic()
+        if self.max_bytes is not None:
+            self._evict(keep=path)
+
+    def _remove_stale_tmp_files(self, max_age_s: float = 3600.0) -> None:
+        """Once per process: delete temporary files that a killed decoder left (decodes take well under a
+        second, so an hour-old one is abandoned; a younger one may belong to another live process)."""
+        if self._stale_tmp_checked:
+            return
+        self._stale_tmp_checked = True
+        now_s = time.time()
+        for tmp in self.decode_dir.glob("*/.*.tmp"):
+            try:
+                if now_s - tmp.stat().st_mtime > max_age_s:
+                    tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+    # ------------------------------------------------------------------ background decoding
+
+    def prefetch(self, array: str, shard_index: int) -> None:
+        """Fetch and decode a shard in the background; returns at once (duplicates are dropped)."""
+        self._check_process()
+        if not 0 <= shard_index < self.layout.num_shards or self.is_decoded(array, shard_index):
+            return
+        key = (array, shard_index)
+        with self._inflight_lock:
+            if key in self._inflight:
+                return
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max(1, self.prefetch_workers),
+                                                    thread_name_prefix="kdcache-prefetch")
+            future = self._executor.submit(self._prefetch_one, array, shard_index)
+            self._inflight[key] = future
+        future.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
+
+    def _prefetch_one(self, array: str, shard_index: int) -> None:
+        # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.
+        if not self.is_decoded(array, shard_index):
+            self._decode_to(self.path(array, shard_index), array, shard_index)
+
+    def wait_prefetch(self) -> None:
+        """Block until background decodes finish (their errors surface on the reads that need them)."""
+        for future in list(self._inflight.values()):
+            try:
+                future.result()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        """Stop the background threads of this process (they restart on the next prefetch)."""
+        if self._executor is not None and self._pid == os.getpid():
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor = None
+
+    # ------------------------------------------------------------------ size limit
+
+    def _touch(self, key: tuple[str, int]) -> None:
+        """Mark a shard recently used on disk for LRU eviction (one utime per shard per few seconds)."""
+        if self.max_bytes is None:
+            return
+        now_s = time.monotonic()
+        if now_s - self._touched_s.get(key, -1e9) < self._TOUCH_EVERY_S:
+            return
+        self._touched_s[key] = now_s
+        try:
+            os.utime(self.path(*key))
+        except FileNotFoundError:
+            pass
+
+    def decoded_bytes(self) -> int:
+        """Bytes of this cache's decoded copies on disk now (all processes' together)."""
+        return sum(size for _, size, _ in self._decoded_files())
+
+    def _decoded_files(self) -> list[tuple[float, int, Path]]:
+        files: list[tuple[float, int, Path]] = []
+        if not self.decode_dir.exists():
+            return files
+        for array_dir in os.scandir(self.decode_dir):
+            if not array_dir.is_dir():
+                continue
+            for entry in os.scandir(array_dir.path):
+                if entry.name.endswith(".npy") and not entry.name.startswith("."):
+                    try:
+                        st = entry.stat()
+                    except FileNotFoundError:
+                        continue
+                    files.append((st.st_mtime, st.st_size, Path(entry.path)))
+        return files
+
+    def _evict(self, keep: Path) -> None:
+        """Delete least-recently-used decoded shards until the directory fits ``max_bytes``.
+
+        Unlinking a file another reader has memory-mapped is safe on POSIX: its mapping stays valid and the
+        space is returned when the mapping closes.
+        """
+        with self._evict_lock:
+            files = self._decoded_files()
+            total = sum(size for _, size, _ in files)
+            for _, size, path in sorted(files, key=lambda f: f[0]):
+                if total <= self.max_bytes:
+                    break
+                if path == keep:
+                    continue
+                path.unlink(missing_ok=True)
+                total -= size
+                self.evicted += 1
+                key = (path.parent.name, int(path.stem))
+                with self._lock:
+                    self._maps.pop(key, None)
+                self._touched_s.pop(key, None)
+
+
+def _allocate(path: Path) -> None:
+    """Reserve the blocks of a freshly created (sparse) file."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; carry on
+            return
+        raise OSError(exc.errno, f"cannot allocate {os.fstat(fd).st_size} bytes for a decoded shard in "
+                      f"{path.parent} ({exc.strerror}); free space or set KDCACHE_DECODE_DIR / "
+                      "max_decoded_bytes") from exc
+    finally:
+        os.close(fd)
