@@ -90,7 +90,8 @@ def main() -> None:
     import zarr
 
     group = zarr.open_group(str(cache_dir), mode="r")
-    check = open_cache(cache_dir, decode_dir=work / "check").read(5, 40)
+    with open_cache(cache_dir, decode_dir=work / "check") as check_cache:  # closing waits for readahead
+        check = check_cache.read(5, 40)
     for name, tensor in check.items():
         want = group[name][5:40]
         got = tensor.numpy()

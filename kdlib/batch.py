@@ -153,9 +153,8 @@ def check_student_vocab(student_vocab_size: int, teacher_vocab_size: int | None,
     hint = (" If the student's embedding is only padded beyond the teacher's tokens (e.g. 50304 rows for GPT-2's "
             "50257), pass allow_padded_vocab=True." if student > teacher else "")
     raise AlignmentError(
-        f"the student's vocabulary has {student} entries but the cache's teacher had {teacher} (student "
-        f"vocabulary {student} but the cache's teacher has {teacher}): top-k ids index different tokens (or "
-        "none), so the KD targets would be meaningless. Use a student with the teacher's tokenizer and "
+        f"the student's vocabulary has {student} entries but the cache's teacher has {teacher}: top-k ids "
+        "index different tokens (or none), so the KD targets would be meaningless. Use a student with the teacher's tokenizer and "
         f"vocab_size, or rebuild the cache with a teacher that shares the student's tokenizer.{hint}")
 
 

@@ -59,14 +59,14 @@ def test_shape_mismatch(batch):
 
 
 def test_vocab_mismatch(batch):
-    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 41 entries but the cache's teacher had 40"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 41 entries but the cache's teacher has 40: "):
         kdlib.check_alignment(batch["input_ids"], batch, student_vocab_size=V + 1)
-    with pytest.raises(kdlib.AlignmentError, match="teacher had 40"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 39 entries but the cache's teacher has 40: "):
         kdlib.check_alignment(None, batch, student_vocab_size=V - 1)
     no_vocab = {k: v for k, v in batch.items() if k != "teacher_vocab_size"}
     with pytest.raises(kdlib.AlignmentError, match="outside the student's vocabulary of 3"):
         kdlib.check_alignment(no_vocab["input_ids"], no_vocab, student_vocab_size=3)
-    with pytest.raises(kdlib.AlignmentError, match="had 40"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 64 entries but the cache's teacher has 40: "):
         kdlib.check_alignment(no_vocab["input_ids"], no_vocab, student_vocab_size=64, teacher_vocab_size=40)
 
 
@@ -88,7 +88,7 @@ def test_step_check_reads_no_device_memory(batch):
     kdlib.check_alignment(None, on_device, student_vocab_size=V)
     kdlib.check_alignment(on_device["input_ids"], on_device, student_vocab_size=V)
     kdlib.check_alignment(None, on_device, student_vocab_size=V + 24, allow_padded_vocab=True)
-    with pytest.raises(kdlib.AlignmentError, match="teacher had 40"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 64 entries but the cache's teacher has 40: "):
         kdlib.check_alignment(None, on_device, student_vocab_size=V + 24)
 
 
@@ -98,7 +98,7 @@ def test_padded_student_vocab_is_an_explicit_option(batch):
         kdlib.check_alignment(batch["input_ids"], batch, student_vocab_size=padded)
     kdlib.check_alignment(batch["input_ids"].long(), batch, student_vocab_size=padded, allow_padded_vocab=True)
     # It loosens only the size comparison: smaller vocabularies and wrong tokens still fail.
-    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 39 entries"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 39 entries but the cache's teacher has 40: "):
         kdlib.check_alignment(batch["input_ids"], batch, student_vocab_size=V - 1, allow_padded_vocab=True)
     wrong = batch["input_ids"].long().clone()
     wrong[0, 3] = (wrong[0, 3] + 1) % V

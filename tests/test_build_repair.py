@@ -1,10 +1,15 @@
 """Repairing a finished cache: rerunning the SAME `kdcache build` command re-verifies every shard against the
-manifest and rebuilds exactly the damaged or missing ones, leaving a cache byte-identical to an undamaged build
-(manifest included); an intact cache is checked and left alone."""
+manifest and rebuilds exactly the damaged or missing ones (and rewrites damaged Zarr metadata), leaving a cache
+byte-identical to an undamaged build (manifest included); an intact cache is checked and left alone. The
+command rerun is the one `kdcache info` prints, run from any directory."""
 
 from __future__ import annotations
 
+import os
+import shlex
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 
 from cache_server import format as fmt
 from cache_server.cli import main
-from tests.teachers import make_llama_teacher, save_factory_teacher
+from tests.teachers import make_llama_teacher, save_factory_teacher, stdlib_text, train_tokenizer, write_token_file
 
 T = 11
 
@@ -84,6 +89,35 @@ def test_an_intact_cache_is_verified_and_left_alone(built, capsys):
     assert not (cache / ".kdcache-build").exists()
 
 
+def test_damaged_zarr_metadata_is_named_by_verify_and_rewritten_by_the_rerun(built, capsys):
+    """zarr.json files are not in the manifest, yet Zarr readers need them: verify makes them again from the
+    layout and compares; the rerun rewrites the damaged ones and leaves the manifest as it is."""
+    import zarr
+
+    root, args = built
+    cache, pristine = root / "cache", root / "pristine"
+    raw = bytearray((cache / "zarr.json").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (cache / "zarr.json").write_bytes(bytes(raw))
+    (cache / "topk_ids" / "zarr.json").unlink()
+    capsys.readouterr()
+    assert main(["verify", str(cache), "--no-progress", "--quick"]) == 1
+    err = capsys.readouterr().err
+    assert f"Zarr metadata zarr.json ({cache / 'zarr.json'}): differs from the Zarr metadata" in err, err
+    assert f"Zarr metadata topk_ids/zarr.json ({cache / 'topk_ids' / 'zarr.json'}): the metadata file is missing" in err
+    assert "is DAMAGED (2 problem(s))" in err  # the two metadata files; no shard is blamed
+    manifest_mtime = (cache / fmt.MANIFEST_NAME).stat().st_mtime_ns
+
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "rewriting it" in out and "rewrote the Zarr metadata topk_ids/zarr.json, zarr.json" in out, out
+    assert "manifest, which is unchanged" in out
+    assert (cache / fmt.MANIFEST_NAME).stat().st_mtime_ns == manifest_mtime
+    assert main(["verify", str(cache), "--no-progress"]) == 0
+    assert _files(cache) == _files(pristine)
+    zarr.open_group(str(cache), mode="r")["topk_ids"][:2]  # Zarr reads it again
+
+
 def test_repair_with_other_bytes_rewrites_the_manifest(tmp_path, capsys):
     """A teacher whose output depends on the batch size: the rebuilt shard differs from the old one, so the
     manifest gets the new checksums and statistics recomputed from every shard."""
@@ -123,3 +157,71 @@ def test_an_unreadable_manifest_needs_overwrite(built, capsys):
     assert (cache / fmt.MANIFEST_NAME).read_text() == "{ not json"  # nothing changed
     assert main(args + ["--overwrite"]) == 0
     assert fmt.load_manifest(cache)["shards"] == fmt.load_manifest(pristine)["shards"]
+
+
+# ------------------------------------------------------------------ the repair command `kdcache info` prints
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The `kdcache` console script (``python -m cache_server`` where it is not installed) in ``cwd``."""
+    script = Path(sys.executable).parent / "kdcache"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "cache_server"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("KDCACHE_DEBUG", None)
+    return subprocess.run([*command, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
+
+
+def _bin_case(root: Path) -> tuple[list[str], list[str]]:
+    """A uint32 .bin stream (read as uint16 it would be other tokens) and temperatures `:g` would round."""
+    teacher = make_llama_teacher(root / "teacher", 80, hidden_size=16, num_layers=1, seed=8, logit_scale=6.0)
+    write_token_file(root / "tokens.bin", np.random.default_rng(8).integers(0, 80, size=14 * T), "bin-uint32")
+    return ["--teacher", str(teacher), "--data", str(root / "tokens.bin"), "--data-dtype", "uint32",
+            "--temperatures", "0.1234567,2.000001", "--topk", "4"], ["--data-dtype uint32",
+                                                                      "--temperatures 0.1234567,2.000001"]
+
+
+def _txt_case(root: Path) -> tuple[list[str], list[str]]:
+    """Paragraphs of a .txt file given by a path relative to the directory the build runs in."""
+    tokenizer = train_tokenizer(root / "tok", vocab_size=300, max_chars=100_000)
+    teacher = make_llama_teacher(root / "teacher", 300, hidden_size=16, num_layers=1, seed=9, tokenizer_dir=tokenizer)
+    (root / "data").mkdir()
+    (root / "data" / "docs.txt").write_text(stdlib_text(800))
+    return ["--teacher", str(teacher), "--data", "data/docs.txt", "--text-documents", "blank-line",
+            "--topk", "4"], ["--text-documents blank-line", f"--data {root / 'data' / 'docs.txt'}"]
+
+
+@pytest.mark.parametrize("case", [_bin_case, _txt_case], ids=["bin-uint32-odd-temperatures", "txt-blank-line-relative"])
+def test_the_command_info_prints_repairs_the_cache_from_any_directory(tmp_path, monkeypatch, capsys, case):
+    """Build; damage a shard; run EXACTLY the command `kdcache info` prints, from another directory: it must
+    repair the cache (not refuse it as "different settings"), leaving it byte-identical to an undamaged one."""
+    root = tmp_path / "build-dir"
+    root.mkdir()
+    options, expected = case(root)
+    monkeypatch.chdir(root)  # where the build runs: relative paths are relative to it
+    args = ["build", *options, "--seq-len", str(T), "--shard-seqs", "2", "--chunk-seqs", "1", "--out", "cache",
+            "--no-progress"]
+    assert main(args) == 0
+    shutil.copytree(root / "cache", tmp_path / "pristine")
+    capsys.readouterr()
+    assert main(["info", "cache"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("build command"))
+    argv = shlex.split(line.split(None, 2)[2])
+    assert argv[:2] == ["kdcache", "build"] and all(option in shlex.join(argv) for option in expected), argv
+    assert all(os.path.isabs(argv[argv.index(option) + 1]) for option in ("--teacher", "--data", "--out"))
+    cache = root / "cache"
+    flipped = _shard_file(cache, "topk_logprobs", 1)
+    raw = bytearray(flipped.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    flipped.write_bytes(bytes(raw))
+    _shard_file(cache, "lse", 2).unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    rerun = _cli(*argv[1:], cwd=elsewhere)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "rebuilt shards [1, 2]" in rerun.stdout and "manifest is unchanged" in rerun.stdout, rerun.stdout
+    verify = _cli("verify", str(cache), "--no-progress", cwd=elsewhere)
+    assert verify.returncode == 0, verify.stderr
+    assert _files(cache) == _files(tmp_path / "pristine")

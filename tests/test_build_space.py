@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from cache_server import format as fmt
+from cache_server.build import space
 from cache_server.build.writer import STATE_DIR
 from cache_server.cli import main
 from tests.teachers import make_llama_teacher
@@ -83,7 +84,7 @@ def test_running_out_of_space_keeps_finished_shards_and_the_rerun_resumes(env, s
     assert "no space left on device while writing shard" in err
     assert f"the filesystem of {str(out)!r} (mounted at {mount_point}) is full" in err
     assert "The cache needs about" in err and "rerun the same command: it resumes" in err
-    assert re.search(r"Free at least \d+(\.\d)? (B|KiB|MiB) there", err), err
+    assert re.search(r"Free at least (?!0 B)\d+(\.\d)? (B|KiB|MiB) there", err), err  # never "at least 0 B"
     journaled = sorted(int(p.stem) for p in (out / STATE_DIR / "shards").glob("*.json"))
     num_shards = fmt.load_manifest(reference)["num_shards"]
     assert 1 <= len(journaled) < num_shards and journaled == list(range(len(journaled)))
@@ -100,3 +101,13 @@ def test_running_out_of_space_keeps_finished_shards_and_the_rerun_resumes(env, s
     assert "resuming: " in capsys.readouterr().out
     assert fmt.load_manifest(out)["shards"] == fmt.load_manifest(reference)["shards"]
     assert main(["verify", str(out), "--no-progress"]) == 0
+
+
+def test_out_of_space_when_the_estimate_says_it_fits_says_the_estimate_was_too_low(tmp_path):
+    """The ENOSPC error on a filesystem with room to spare by the estimate (another writer filled it, or the
+    estimate was low): no "free at least 0 B", but what is true."""
+    layout = fmt.CacheLayout(num_sequences=4, seq_len=8, topk=2, vocab_size=50, shard_seqs=2, chunk_seqs=1)
+    message = str(space.out_of_space_error(tmp_path, layout, [], "writing shard 0"))
+    assert "Free at least" not in message, message
+    assert re.search(r"so it was too low: free clearly more than the (?!0 B)\d+(\.\d)? (B|KiB) still to write", message)
+    assert "rerun the same command: it resumes" in message

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from cache_server.build.sources import DataError, load_tokenizer, open_token_data
+from cache_server.build import text as text_module
 from cache_server.build.text import encode_document
 from tests.teachers import stdlib_documents, stdlib_text, train_tokenizer
 
@@ -131,10 +132,34 @@ def _metaspace_tokenizer():
     return tokenizer
 
 
+def test_a_multi_mb_document_is_really_encoded_in_chunks(tok, encode, corpus):
+    """The tests above would pass if no cut ever succeeded (the whole-document fallback gives the same ids):
+    here the chunked path itself must succeed, in several chunks, with the default sizes and the BPE tokenizer."""
+    document = max(_paragraphs(corpus), key=len)  # the 1.2 MB paragraph
+    assert len(document) > 1_100_000
+    chunk_chars, margin_chars = text_module._CHUNK_CHARS, text_module._MARGIN_CHARS
+    parts = text_module._encode_in_chunks(text_module._pieces(document, chunk_chars), tok.tokenizer, chunk_chars,
+                                          margin_chars)
+    assert parts is not None, "no invisible cut was found: the document would be encoded whole"
+    assert len(parts) >= 2 and all(len(part) for part in parts)
+    assert np.concatenate(parts).tolist() == list(encode(document))
+
+
+def test_find_cut_finds_a_cut_the_tokenizer_cannot_see(tok):
+    chunk = stdlib_text(20_000)
+    tokens = text_module._encode(tok.tokenizer, chunk)
+    found = text_module._find_cut(chunk, tokens, tok.tokenizer, 256)
+    assert found is not None
+    kept, cut = found
+    assert 0 < kept < len(tokens.ids) and tokens.offsets[kept][0] == cut
+    # The tokenizer cannot tell the text was cut: what follows the cut encodes to the chunk's own tokens.
+    assert text_module._encode(tok.tokenizer, chunk[cut:]).ids == tokens.ids[kept:]
+
+
 def test_small_chunks_never_change_a_token(tok):
     """Chunk boundaries every few thousand characters, on text that makes cutting hard: long runs of
-    spaces, a 5,000-character word, non-ASCII text, a tokenizer that would see every cut (it prepends a
-    marker to each input: the build must then encode the document whole)."""
+    spaces, a 5,000-character word, non-ASCII text, and a tokenizer that marks the start of every input (a
+    cut is then invisible only where the text there starts with a space, which the marker replaces)."""
     base = stdlib_text(120_000)
     hard = (base[:30_000] + " " * 3_000 + "x" * 5_000 + "\n\n\t\t" + "héllo wörld ☃ 日本語 " * 300 + base[30_000:])
     for tokenizer in (tok.tokenizer, _metaspace_tokenizer()):
@@ -144,6 +169,14 @@ def test_small_chunks_never_change_a_token(tok):
             assert got.tolist() == reference, (chunk_chars, margin_chars)
         pieces = [hard[i : i + 1_000] for i in range(0, len(hard), 1_000)]
         assert encode_document(lambda: iter(pieces), tokenizer, chunk_chars=3_000, margin_chars=128).tolist() == reference
+    # Which path produced those ids: the chunked one (it must not silently fall back to one whole encode)...
+    chunked = text_module._encode_in_chunks(text_module._pieces(hard, 7_777), tok.tokenizer, 7_777, 512)
+    assert chunked is not None and len(chunked) > 10
+    # ...and, for text without a single word boundary, the whole-document fallback, with the same ids.
+    word = "x" * 10_000
+    assert text_module._encode_in_chunks(text_module._pieces(word, 2_000), tok.tokenizer, 2_000, 128) is None
+    assert encode_document(word, tok.tokenizer, chunk_chars=2_000, margin_chars=128).tolist() == \
+        tok.tokenizer.encode(word, add_special_tokens=False).ids
 
 
 def test_empty_and_undecodable_text_is_refused(tmp_path, tok):

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,10 +49,10 @@ def kdcache(*args: str, env: dict | None = None, timeout_s: float = CASE_TIMEOUT
 
 # ------------------------------------------------------------------------------------------------ the bad inputs
 
-_HOLD_LOCK = (
+_HOLD_LOCK = (  # holds the build lock of every directory named, as a running build does
     "import sys, time\n"
     "from cache_server.format.build_lock import acquire_build_lock\n"
-    "lock = acquire_build_lock(sys.argv[1])\n"
+    "locks = [acquire_build_lock(d) for d in sys.argv[1:]]\n"
     "print('locked', flush=True)\n"
     "time.sleep(600)\n"
 )
@@ -80,6 +81,8 @@ def _inputs(root: Path, cache: Path) -> dict[str, str]:
     paths["unfinished"] = str(root / "unfinished")
     (root / "running").mkdir()
     paths["running"] = str(root / "running")
+    shutil.copytree(cache, root / "running_cache")  # a finished cache that a build (a repair) is running on
+    paths["running_cache"] = str(root / "running_cache")
     (root / "empty_token.txt").write_text("\n")
     (root / "spaced_token.txt").write_text("two words\n")
     paths.update(empty_token=str(root / "empty_token.txt"), spaced_token=str(root / "spaced_token.txt"))
@@ -104,6 +107,7 @@ _CACHE_DIR_CASES = [  # (name, directory key, needle): the same for info, verify
     ("malformed-shard-table", "bad_shards", "malformed"),
     ("unfinished-build", "unfinished", "unfinished build: rerun the same kdcache build command to resume"),
     ("running-build", "running", "is running"),
+    ("running-build-on-a-finished-cache", "running_cache", "is not opened: a `kdcache build` is running on it (pid"),
 ]
 
 _INFO_VERIFY = [
@@ -201,8 +205,8 @@ def world(tmp_path_factory):
                                     shard_seqs=4, chunk_seqs=2)
     paths = _inputs(root, cache)
     paths["teacher"] = str(make_llama_teacher(root / "teacher", V, hidden_size=16, num_layers=1, seed=3))
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, paths["running"]], stdout=subprocess.PIPE,
-                              text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, paths["running"], paths["running_cache"]],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     busy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         if holder.stdout.readline().strip() != "locked":
@@ -221,8 +225,10 @@ def world(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sweep(world, request):
     """The result of every selected case, run three at a time (each is a separate interpreter)."""
+    # Only this module's sweep items: other test files also have parameters named "case".
     selected = [item.callspec.params["case"] for item in request.session.items
-                if getattr(item, "callspec", None) is not None and "case" in item.callspec.params]
+                if getattr(item, "originalname", None) == "test_bad_input_is_one_error_line_without_traceback"
+                and item.module is request.module]
 
     def run(name):
         argv, _ = CASES[name]
@@ -267,6 +273,33 @@ def test_running_build_is_named_and_a_killed_one_says_resume(world, tmp_path):
         result = kdcache(command, str(directory))
         assert result.returncode == 2, result.stderr
         assert "unfinished build: rerun the same kdcache build command to resume" in result.stderr
+
+
+def test_a_finished_cache_is_refused_while_a_build_runs_on_it_and_opens_after(world, tmp_path):
+    """A build (e.g. a repair) may be rewriting a finished cache's shards: open_cache, info, verify and serve
+    name the build instead of reading it (the sweep above checks the CLI); once it is gone, all read it."""
+    import kdlib
+
+    with pytest.raises(fmt.CacheError, match=r"is not opened: a `kdcache build` is running on it \(pid \d+ ") as info:
+        kdlib.open_cache(world["running_cache"], decode_dir=tmp_path / "decoded")
+    assert "wait for that build to finish" in str(info.value)
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(cache)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(fmt.CacheError, match=f"a `kdcache build` is running on it \\(pid {holder.pid} "):
+            kdlib.open_cache(cache, decode_dir=tmp_path / "decoded")
+        result = kdcache("info", str(cache))
+        assert result.returncode == 2 and f"is running on it (pid {holder.pid} " in result.stderr, result.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        holder.stdout.close()
+    with kdlib.open_cache(cache, decode_dir=tmp_path / "decoded", readahead=0) as reader:
+        assert reader.read(0, 2)["topk_ids"].shape[0] == 2
+    assert kdcache("info", str(cache)).returncode == 0
 
 
 # ------------------------------------------------------------------------------------------------ version, help
@@ -378,8 +411,6 @@ def test_info_prints_the_build_command_and_rerunning_it_is_a_no_op(built):
 
 
 def test_verify_names_each_damaged_and_missing_shard_and_the_repair(world, tmp_path):
-    import shutil
-
     cache = tmp_path / "cache"
     shutil.copytree(world["cache"], cache)
     ok = kdcache("verify", str(cache), "--no-progress")
@@ -400,7 +431,6 @@ def test_verify_names_each_damaged_and_missing_shard_and_the_repair(world, tmp_p
 
 
 def test_verify_decoded_names_each_damaged_decoded_copy(world, tmp_path):
-    pytest.importorskip("cache_server.format.decoded", reason="cache_server/format/decoded.py is not written yet")
     import kdlib
     from cache_server.format import decoded
 

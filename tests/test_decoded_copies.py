@@ -21,9 +21,18 @@ def cache_and_arrays(tmp_path):
 
 
 def _flip_byte(path, offset: int) -> None:
+    """Damage a copy in place, as a new version of the file: a process checks a copy once per file version
+    (device, inode, mtime), and an in-place write within one mtime tick would not be a new version."""
+    before = path.stat()
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF
     path.write_bytes(bytes(data))
+    _new_version(path, before)
+
+
+def _new_version(path, before: os.stat_result) -> None:
+    """Give a file changed in place an mtime distinct from its old one (``before``), explicitly."""
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000_000))
 
 
 def _data_offset(path) -> int:
@@ -83,8 +92,10 @@ def test_a_copy_without_a_record_is_decoded_again(cache_and_arrays):
     cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
     cache.read(0, 3, arrays=["lse"])
     path = cache.store.path("lse", 0)
+    before = path.stat()
     with open(path, "r+b") as file:  # as an older kdlib (or a write cut short) left it: no trailer
         file.truncate(os.path.getsize(path) - 12)
+    _new_version(path, before)
     problems = decoded_fmt.verify_decoded_copies(out, decode_dir)
     assert len(problems) == 1 and "no crc32c record" in problems[0]
     fresh = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)

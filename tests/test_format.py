@@ -308,7 +308,7 @@ def test_validate_manifest_refuses_malformed_manifests(tiny_manifest_raw, tmp_pa
 
 def test_validate_manifest_allows_unknown_extra_fields(tiny_manifest_raw):
     manifest = json.loads(tiny_manifest_raw)
-    manifest["build_command"] = ["kdcache", "build", "--topk", "2"]
+    manifest["made_by"] = {"tool": "a converter", "args": ["--topk", "2"]}
     manifest["notes"] = {"anything": [1, 2]}
     fmt.validate_manifest(manifest)
 

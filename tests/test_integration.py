@@ -74,7 +74,7 @@ def test_distill_loss_raises_on_misaligned_tokens_and_vocab(small_cache):
     wrong[1, 7] = (wrong[1, 7] + 1) % 96
     with pytest.raises(kdlib.AlignmentError, match=r"1 of 64 positions; first at \(sequence 1, position 7\)"):
         distill_loss(logits, batch, student_input_ids=wrong)
-    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 128 entries but the cache's teacher had 96"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 128 entries but the cache's teacher has 96: "):
         distill_loss(torch.randn(4, 16, 128), batch)
     # A student embedding padded beyond the teacher's tokens passes when asked, and trains on the same targets.
     padded = torch.cat([logits.detach(), torch.full((4, 16, 32), -30.0)], dim=-1)
@@ -126,7 +126,7 @@ def test_kd_step_loss_refuses_what_it_cannot_align(small_cache):
 
     cache, _ = small_cache
     batch = next(iter(kdlib.make_loader(cache, 2)))
-    with pytest.raises(kdlib.AlignmentError, match="vocabulary 128 but the cache's teacher has 96"):
+    with pytest.raises(kdlib.AlignmentError, match="vocabulary has 128 entries but the cache's teacher has 96: "):
         kdlib.kd_step_loss(TinyLM(128), batch)
     loss, _ = kdlib.kd_step_loss(TinyLM(128), batch, allow_padded_vocab=True)  # asked for: passes
     assert torch.isfinite(loss)

@@ -1,4 +1,5 @@
-"""Local reader: values, dtypes, zero-copy, decode-once, corruption detection."""
+"""Local reader: values, dtypes, batches that are copies (never views of the decoded maps), decode-once,
+corruption detection."""
 
 from __future__ import annotations
 

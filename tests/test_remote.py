@@ -154,6 +154,17 @@ def test_in_place_edits_of_remote_batches_never_reach_later_reads(world):
                                               err_msg=f"{name}, {what}")
 
 
+def test_the_old_module_constant_name_still_imports_with_a_deprecation_warning():
+    import kdlib.data.remote as remote_module
+
+    with pytest.warns(DeprecationWarning, match="DEFAULT_SHARD_CACHE_BYTES is deprecated: it is now called "
+                                                "DEFAULT_MAX_DECODED_BYTES"):
+        from kdlib.data.remote import DEFAULT_SHARD_CACHE_BYTES
+    assert DEFAULT_SHARD_CACHE_BYTES == remote_module.DEFAULT_MAX_DECODED_BYTES
+    with pytest.raises(AttributeError, match="no attribute 'NOT_A_NAME'"):
+        remote_module.NOT_A_NAME
+
+
 def test_decoded_size_limit_default_and_old_option_names(world):
     from kdlib.data.remote import DEFAULT_MAX_DECODED_BYTES
 

@@ -25,11 +25,11 @@ from cache_server import format as fmt
 from cache_server.build import space
 from cache_server.build.options import BuildOptions, check_options, check_seq_len, plan_layout
 from cache_server.build.pipeline import PipelineStats, run_pipeline
-from cache_server.build.repair import find_damaged_shards
+from cache_server.build.repair import find_damaged_shards, repair_metadata
 from cache_server.build.sources import TokenData, TokenizerInfo, load_tokenizer, open_token_data
 from cache_server.build.teacher import TeacherInfo, inspect_teacher, load_teacher
 from cache_server.build.writer import STATE_DIR, BuildStateError, CacheWriter, check_existing, journal_entries, read_dir_state
-from cache_server.format.build_lock import acquire_build_lock
+from cache_server.format.build_lock import BuildLockedError, acquire_build_lock
 
 __all__ = ["BuildOptions", "BuildResult", "PreparedBuild", "prepare_build", "run_build"]
 
@@ -38,7 +38,7 @@ Log = Callable[[str], None]
 
 @dataclass
 class BuildResult:
-    status: str  # "complete" | "already_complete" | "repaired" | "waiting_for_ranks"
+    status: str  # "complete" | "already_complete" | "repaired" (shards or metadata) | "waiting_for_ranks"
     out_dir: str
     sequences: int
     tokens: int
@@ -161,7 +161,7 @@ def run_build(opts: BuildOptions, log: Log = print) -> BuildResult:
 
     Raises:
         BuildInputError, DataError, TeacherError: bad input (before anything is written).
-        BuildLockedError: another build of this directory and rank is running.
+        BuildLockedError: another build of this directory is running (ranks of one build share it).
         fmt.CacheError: the output directory's state (BuildStateError), a full disk (OutOfSpaceError).
     """
     clock = _Clock()
@@ -174,11 +174,11 @@ def run_build(opts: BuildOptions, log: Log = print) -> BuildResult:
 
 def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
     opts = prep.options
-    damaged = None
+    damaged, rewritten = None, []
     if prep.layout is not None and prep.existing == "complete":
-        damaged = _damaged_shards(prep, log)  # before the teacher loads: an intact cache needs none
+        damaged, rewritten = _check_finished(prep, log)  # before the teacher loads: an intact cache needs none
         if not damaged:
-            return _already_complete(prep, clock, log)
+            return _already_complete(prep, clock, log, rewritten)
     model = load_teacher(prep.teacher, opts.dtype, opts.device)
     if prep.layout is None:  # a factory teacher: its vocabulary and position limit are known only now
         check_seq_len(opts.seq_len, prep.teacher.max_positions, f"the teacher {prep.teacher.path}",
@@ -187,9 +187,10 @@ def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
     writer = CacheWriter(prep.out_dir, prep.layout, prep.settings(), prep.manifest_fields(), overwrite=opts.overwrite,
                          rank=opts.rank, world_size=opts.world_size)
     if writer.already_complete:
-        damaged = damaged if damaged is not None else _damaged_shards(prep, log)
+        if damaged is None:
+            damaged, rewritten = _check_finished(prep, log)
         if not damaged:
-            return _already_complete(prep, clock, log)
+            return _already_complete(prep, clock, log, rewritten)
         writer.begin_repair(sorted(damaged))
     elif writer.pending_shards() and writer.completed_shards():
         log(f"resuming: {len(writer.completed_shards())} of {prep.layout.num_shards} shards already written")
@@ -202,10 +203,14 @@ def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
 
 @contextlib.contextmanager
 def _build_lock(out: Path, rank: int, world_size: int) -> Iterator[None]:
-    """Hold this rank's build lock of ``out``; afterwards leave no lock file or directory created for nothing."""
+    """Hold this rank's build lock of ``out``; afterwards (or when refused) leave no lock file or directory
+    created for nothing."""
     out_existed = out.exists()
     try:
         lock = acquire_build_lock(out, rank, world_size)
+    except BuildLockedError:
+        _remove_empty_dirs(out, out_existed)
+        raise
     except OSError as exc:
         _remove_empty_dirs(out, out_existed)
         if space.is_out_of_space(exc):
@@ -234,10 +239,20 @@ def _remove_empty_dirs(out: Path, out_existed: bool) -> None:
                 directory.rmdir()
 
 
+def _check_finished(prep: PreparedBuild, log: Log) -> tuple[dict[int, list[str]], list[str]]:
+    """A finished cache: rewrite its damaged Zarr metadata files (rank 0), then find the damaged shards.
+
+    Returns:
+        (the damaged shards of this rank with what is wrong, the metadata files rewritten).
+    """
+    rewritten = repair_metadata(prep.out_dir, prep.layout, log) if prep.options.rank == 0 else []
+    return _damaged_shards(prep, log), rewritten
+
+
 def _damaged_shards(prep: PreparedBuild, log: Log) -> dict[int, list[str]]:
     """Verify this rank's shards of a finished cache; log what is damaged."""
     opts = prep.options
-    manifest = fmt.load_manifest(prep.out_dir)
+    manifest = fmt.load_manifest(prep.out_dir, during_build=True)
     mine = [i for i in range(prep.layout.num_shards) if i % opts.world_size == opts.rank]
     damaged = find_damaged_shards(prep.out_dir, manifest, mine, progress=opts.progress)
     if damaged:
@@ -288,11 +303,11 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _already_complete(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
-    manifest = fmt.load_manifest(prep.out_dir)
+def _already_complete(prep: PreparedBuild, clock: _Clock, log: Log, rewritten_metadata: list[str]) -> BuildResult:
+    manifest = fmt.load_manifest(prep.out_dir, during_build=True)
     tokens = int(manifest["stats"]["tokens"])
     result = BuildResult(
-        status="already_complete",
+        status="repaired" if rewritten_metadata else "already_complete",
         out_dir=str(prep.out_dir),
         sequences=int(manifest["num_sequences"]),
         tokens=tokens,
@@ -304,6 +319,10 @@ def _already_complete(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResu
         remainder_tokens_dropped=prep.data.remainder_tokens_dropped,
     )
     checked = "every shard" if prep.options.world_size == 1 else f"rank {prep.options.rank}'s shards"
+    if rewritten_metadata:
+        log(f"kdcache build: repaired {prep.out_dir}: rewrote the Zarr metadata {', '.join(rewritten_metadata)}; "
+            f"{checked} verified against the manifest, which is unchanged")
+        return result
     log(f"{prep.out_dir}: cache already complete with these settings ({result.sequences} sequences, {tokens} "
         f"tokens; {checked} verified against the manifest); nothing to do")
     return result

@@ -1,18 +1,36 @@
 """Re-verifying a finished cache before a rerun of its build: which shards must be rebuilt.
 
-Rerunning the same ``kdcache build`` command on a finished cache checks every shard file (this rank's
-shards) against the manifest's size and sha256, with a progress bar. Shards with a damaged or missing file
-are rebuilt (all arrays of the shard, see ``CacheWriter.begin_repair``); an intact cache is left alone.
+Rerunning the same ``kdcache build`` command on a finished cache first rewrites damaged or missing Zarr
+metadata files (``zarr.json``: a pure function of the layout, so they are made again, not rebuilt), then
+checks every shard file (this rank's shards) against the manifest's size and sha256, with a progress bar.
+Shards with a damaged or missing file are rebuilt (all arrays of the shard, see
+``CacheWriter.begin_repair``); an intact cache is left alone.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from cache_server import format as fmt
+from cache_server.build.writer import atomic_write_bytes
 
-__all__ = ["find_damaged_shards"]
+__all__ = ["find_damaged_shards", "repair_metadata"]
+
+
+def repair_metadata(cache_dir: Path, layout: fmt.CacheLayout, log: Callable[[str], None]) -> list[str]:
+    """Rewrite the Zarr metadata files of ``cache_dir`` that are not what ``layout`` implies; return their
+    paths relative to the cache. The manifest (which does not record them) stays as it is."""
+    damaged = fmt.damaged_metadata(cache_dir, layout)
+    if not damaged:
+        return []
+    expected = fmt.expected_metadata(layout)
+    for relpath, problem in sorted(damaged.items()):
+        log(f"{cache_dir}: Zarr metadata {relpath}: {problem}; rewriting it")
+        path = Path(cache_dir) / relpath
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, expected[relpath])
+    return sorted(damaged)
 
 
 def find_damaged_shards(

@@ -72,6 +72,7 @@ _SUFFIX_FORMATS = {
     ".txt": "txt",
     ".jsonl": "jsonl",
 }
+_BIN_DEFAULT_DTYPE = "uint16"  # what a .bin stream is read as without --data-dtype
 _FINGERPRINT_BLOCK_ROWS_TOKENS = 1 << 22  # tokens hashed per block: bounds memory for memory-mapped inputs
 
 
@@ -89,6 +90,7 @@ class TokenData:
     notes: list[str] = field(default_factory=list)
     documents: int | None = None  # text inputs: documents tokenized
     text_documents: str | None = None  # .txt inputs: what one document is (--text-documents)
+    data_dtype: str | None = None  # .bin inputs: the dtype the stream was read as (--data-dtype)
     _fingerprint: str | None = None
     _min_max: tuple[int, int] | None = None
 
@@ -150,8 +152,15 @@ class TokenData:
             )
 
     def manifest_entry(self) -> dict[str, Any]:
+        """The manifest's ``dataset`` entry: enough to rerun the build (``kdcache info``) and what was used.
+
+        ``source`` is recorded as an absolute path. The settings a rerun is compared on hold the data's
+        fingerprint, not its path, so the path is only there to print a command that runs from any
+        directory; absolute, it is also the same whatever directory a build (or its resume) started from,
+        so a resume with the printed command writes the same manifest bytes as an uninterrupted build.
+        """
         entry = {
-            "source": self.source,
+            "source": os.path.abspath(self.source),
             "format": self.format,
             "layout": self.layout,
             "tokens_total": self.tokens_total,
@@ -165,6 +174,8 @@ class TokenData:
             entry["documents"] = self.documents
         if self.text_documents is not None:
             entry["text_documents"] = self.text_documents
+        if self.data_dtype is not None:
+            entry["data_dtype"] = self.data_dtype
         return entry
 
 
@@ -304,7 +315,7 @@ def _load_npy(path: Path) -> _Ids:
 
 
 def _load_bin(path: Path, data_dtype: str | None) -> _Ids:
-    dtype = np.dtype(data_dtype or "uint16")
+    dtype = np.dtype(data_dtype or _BIN_DEFAULT_DTYPE)
     if dtype.name not in ("uint16", "uint32"):
         raise DataError(f"--data-dtype must be uint16 or uint32, got {data_dtype!r}")
     size = path.stat().st_size
@@ -393,6 +404,7 @@ def open_token_data(
         notes=loaded.notes,
         documents=loaded.documents,
         text_documents=text_documents if fmt == "txt" else None,
+        data_dtype=np.dtype(data_dtype or _BIN_DEFAULT_DTYPE).name if fmt == "bin" else None,
     )
 
 

@@ -130,12 +130,16 @@ def out_of_space_error(out_dir: Path, layout: fmt.CacheLayout, written: list[Map
     """The error for a build that hit "no space left on device" while doing ``during``."""
     total, written_bytes, basis = estimate_cache_bytes(layout, written)
     free = free_bytes(out_dir)
-    short = max(0, total - written_bytes - free)
+    short = total - written_bytes - free
+    if short > 0:
+        advice = f"Free at least {human_bytes(short)} there"
+    else:  # the estimate says the rest fits: it was too low (or others filled the disk meanwhile)
+        advice = (f"The estimate says the rest would fit, so it was too low: free clearly more than the "
+                  f"{human_bytes(max(total - written_bytes, 0))} still to write there")
     return OutOfSpaceError(
         f"no space left on device while {during}: the filesystem of {str(out_dir)!r} (mounted at "
         f"{_mount_point(out_dir)}) is full ({human_bytes(free)} free). The cache needs about {human_bytes(total)} "
         f"in all ({basis}); {len(written)} of {layout.num_shards} shards ({human_bytes(written_bytes)}) are "
-        f"complete and kept, and nothing partly written was kept. Free at least {human_bytes(short)} there (or "
-        "move the directory to a larger filesystem) and rerun the same command: it resumes from the shards "
-        "already written"
+        f"complete and kept, and nothing partly written was kept. {advice} (or move the directory to a larger "
+        "filesystem) and rerun the same command: it resumes from the shards already written"
     )

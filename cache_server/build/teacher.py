@@ -73,9 +73,10 @@ class TeacherInfo:
         }
 
     def manifest_entry(self, dtype: str) -> dict[str, Any]:
+        # An absolute path, like the dataset's source (see TokenData.manifest_entry for why).
         return {
             "name": Path(self.path).name,
-            "path": self.path,
+            "path": os.path.abspath(self.path),
             "kind": self.kind,
             "architecture": self.architecture,
             "factory": self.factory,

@@ -10,8 +10,9 @@ The writer owns the persistent state of a build, not the teacher computation (se
   disk) is never journaled.
 * ``DIR/manifest.json`` — written atomically (tmp + rename) only when every shard is journaled. Readers refuse
   a directory without it, so a half-built cache can never be read as a complete one.
-* ``DIR/.kdcache-build/lock.rank{R}`` — the build lock of ``cache_server.format.build_lock``, held by the
-  build process (not by this class); the writer never deletes a lock file while it clears the state.
+* ``DIR/.kdcache-build/lock.rank{R}`` (and ``lock.start``) — the build lock of
+  ``cache_server.format.build_lock``, held by the build process (not by this class); the writer never
+  deletes a lock file while it clears the state.
 
 Shard files are deterministic functions of their data and codec, so a resumed build is bitwise identical to
 an uninterrupted one. Several processes (one per GPU) may share a build: process ``rank`` of ``world_size``
@@ -35,7 +36,7 @@ import numpy as np
 from cache_server import format as fmt
 from cache_server.build import space
 from cache_server.build.assemble import STATS_ARRAYS, layout_dict, manifest_from_entries, shard_stats
-from cache_server.format.build_lock import BUILD_STATE_DIR
+from cache_server.format.build_lock import BUILD_STATE_DIR, is_lock_file
 
 __all__ = [
     "CacheWriter",
@@ -51,7 +52,6 @@ __all__ = [
 STATE_DIR = BUILD_STATE_DIR
 _SETTINGS_NAME = "settings.json"
 _JOURNAL_DIR = "shards"
-_LOCK_FILE_PREFIX = "lock.rank"  # build_lock's lock files: kept whenever the state is cleared
 
 
 class BuildStateError(fmt.CacheError):
@@ -100,7 +100,7 @@ class DirState:
 
 
 def _is_lock_file(path: Path) -> bool:
-    return path.name.startswith(_LOCK_FILE_PREFIX)
+    return is_lock_file(path.name)  # build_lock's lock files: kept whenever the state is cleared
 
 
 def _zarr_group_is_ours(out: Path) -> bool:
@@ -121,7 +121,7 @@ def read_dir_state(out_dir: str | os.PathLike) -> DirState:
     state_dir = out / STATE_DIR
     if (out / fmt.MANIFEST_NAME).exists():
         try:
-            return DirState(out, "complete", manifest=fmt.load_manifest(out))
+            return DirState(out, "complete", manifest=fmt.load_manifest(out, during_build=True))
         except fmt.CacheError as exc:
             return DirState(out, "complete", problem=str(exc))
     if (state_dir / _SETTINGS_NAME).exists():
@@ -289,8 +289,7 @@ class CacheWriter:
             self._wipe()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            attributes = {"kdcache": {"format": fmt.FORMAT_NAME, "format_version": fmt.FORMAT_VERSION}}
-            fmt.create_arrays(self.out_dir, self.layout, attributes=attributes)
+            fmt.create_arrays(self.out_dir, self.layout, attributes=fmt.GROUP_ATTRIBUTES)
             self.journal_dir.mkdir(parents=True, exist_ok=True)
             # settings.json last: its presence means "metadata complete, shards may be written".
             atomic_write_bytes(self.state_dir / _SETTINGS_NAME, fmt.manifest_bytes(self._settings_blob()))
@@ -409,17 +408,17 @@ class CacheWriter:
             return self._finish_repair()
         manifest_path = self.out_dir / fmt.MANIFEST_NAME
         if self.already_complete or manifest_path.exists():
-            return fmt.load_manifest(self.out_dir)
+            return fmt.load_manifest(self.out_dir, during_build=True)
         if not self.is_complete():
             # Another rank may have finalized (and removed the journal) between the two checks.
-            return fmt.load_manifest(self.out_dir) if manifest_path.exists() else None
+            return fmt.load_manifest(self.out_dir, during_build=True) if manifest_path.exists() else None
         # Several ranks may see "all shards journaled" at once: the first to take this lock writes the
         # manifest, the others find it when they get the lock. The kernel drops the lock of a killed process.
         fd = os.open(self.state_dir / "finalize.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             if manifest_path.exists():
-                return fmt.load_manifest(self.out_dir)
+                return fmt.load_manifest(self.out_dir, during_build=True)
             entries = sorted(journal_entries(self.out_dir), key=lambda e: int(e["shard"]))
             manifest = manifest_from_entries(self.layout, self.settings, self.manifest_fields, entries)
             self._write_manifest(manifest)
@@ -439,7 +438,7 @@ class CacheWriter:
 
     def _finish_repair(self) -> dict[str, Any]:
         """The manifest after a repair: unchanged when every rewritten file has its old checksum."""
-        manifest = fmt.load_manifest(self.out_dir)
+        manifest = fmt.load_manifest(self.out_dir, during_build=True)
         self.changed_shards = sorted(
             i for i, entry in self._repaired.items()
             if any(entry["files"][name] != manifest["shards"][name][i] for name in entry["files"])

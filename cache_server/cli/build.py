@@ -14,7 +14,7 @@ Rerunning the same command continues an interrupted build (the result is bitwise
 uninterrupted build with the same --batch-size); on a finished cache it re-verifies every shard against
 the manifest (size and sha256) and rebuilds only the damaged or missing ones, or reports that there is
 nothing to do. A rerun with other settings is refused unless --overwrite. Only one build may write a
-directory (per --rank): a second one stops at once with an error.
+directory (the ranks of one --world-size build share it): a second one stops at once with an error.
 """
 
 EPILOG = """\

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 from typing import Any, Mapping
 
@@ -22,9 +23,6 @@ examples:
   kdcache info ./cache
   kdcache info ./cache --json | jq .summary.bytes_per_token
 """
-
-# Build options whose value equals kdcache build's default are left out of the printed command.
-_DEFAULTS = {"compute_dtype": "float32", "logprob_dtype": "float16", "codec": fmt.DEFAULT_CODEC}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -64,15 +62,22 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _exact(value: float) -> str:
+    """A float as short as ``:g`` writes it when that reads back exactly, else its ``repr`` (always exact)."""
+    short = f"{float(value):g}"
+    return short if float(short) == float(value) else repr(float(value))
+
+
 def build_command(manifest: Mapping[str, Any], cache_dir: str) -> str | None:
     """The ``kdcache build`` command line that made this cache, or None when the manifest cannot tell.
 
-    A manifest that records the command (``build_command``, a list of arguments) is printed as recorded;
-    otherwise the command is reconstructed from the teacher, dataset and build settings it records.
+    The command is reconstructed from what the manifest records: every setting a rerun is compared on
+    (teacher, data, top-k, length, temperatures, dtypes, codec, sharding, sequences used) and what decides
+    the data's token ids (``--data-dtype``, ``--text-documents``, the tokenizer), each with its exact value
+    (temperatures written so that they read back as the same floats), so that rerunning it resumes or repairs
+    this cache instead of being refused as "different settings". Paths are absolute (the build records
+    them so, and ``--out`` is made absolute here), so the command runs from any directory.
     """
-    recorded = manifest.get("build_command")
-    if isinstance(recorded, list) and all(isinstance(a, str) for a in recorded):
-        return shlex.join(recorded)
     teacher, dataset = manifest.get("teacher") or {}, manifest.get("dataset") or {}
     settings = manifest.get("build_args") or {}
     if not teacher.get("path") or not dataset.get("source"):
@@ -81,21 +86,34 @@ def build_command(manifest: Mapping[str, Any], cache_dir: str) -> str | None:
     if teacher.get("factory"):
         argv += ["--model-factory", str(teacher["factory"])]
     argv += ["--data", str(dataset["source"])]
+    if dataset.get("data_dtype"):
+        argv += ["--data-dtype", str(dataset["data_dtype"])]
+    if dataset.get("text_documents"):
+        argv += ["--text-documents", str(dataset["text_documents"])]
     tokenizer = manifest.get("tokenizer") or {}
     if tokenizer.get("path"):
         argv += ["--tokenizer", str(tokenizer["path"])]
-    argv += ["--topk", str(manifest["topk"]), "--seq-len", str(manifest["seq_len"]), "--out", cache_dir]
+    argv += ["--topk", str(manifest["topk"]), "--seq-len", str(manifest["seq_len"]),
+             "--out", os.path.abspath(cache_dir)]
     if manifest.get("temperatures"):
-        argv += ["--temperatures", ",".join(f"{t:g}" for t in manifest["temperatures"])]
-    for key, option in (("compute_dtype", "--dtype"), ("logprob_dtype", "--logprob-dtype"), ("codec", "--codec")):
-        value = settings.get(key, manifest.get(key))
-        if value is not None and value != _DEFAULTS[key]:
-            argv += [option, str(value)]
+        argv += ["--temperatures", ",".join(_exact(t) for t in manifest["temperatures"])]
+    compute_dtype = settings.get("compute_dtype", teacher.get("dtype"))
+    if compute_dtype is not None:
+        argv += ["--dtype", str(compute_dtype)]
+    argv += ["--logprob-dtype", str(manifest["arrays"]["topk_logprobs"]["dtype"]),
+             "--codec", str(manifest.get("codec", fmt.DEFAULT_CODEC))]
     argv += ["--shard-seqs", str(manifest["shard_seqs"]), "--chunk-seqs", str(manifest["chunk_seqs"])]
     used, available = dataset.get("sequences_used"), dataset.get("sequences_available")
     if isinstance(used, int) and isinstance(available, int) and used < available:
         argv += ["--max-sequences", str(used)]
     return shlex.join(argv)
+
+
+def _relative_paths(manifest: Mapping[str, Any]) -> list[str]:
+    """Paths a manifest of an older kdcache records relative to the directory its build ran in."""
+    recorded = [(manifest.get(key) or {}).get(field) for key, field in
+                (("teacher", "path"), ("dataset", "source"), ("tokenizer", "path"))]
+    return [path for path in recorded if isinstance(path, str) and not os.path.isabs(path)]
 
 
 def _stats_lines(summary: Mapping[str, Any]) -> list[str]:
@@ -143,12 +161,16 @@ def run(args: argparse.Namespace) -> int:
         f"sequences        {summary['sequences']:,} x {summary['seq_len']} = {summary['tokens']:,} tokens",
         f"top-k            {summary['topk']} of vocab {summary['vocab_size']:,} "
         f"(ids {arrays['topk_ids']['dtype']}, logprobs {arrays['topk_logprobs']['dtype']})",
-        f"temperatures     {', '.join(f'{t:g}' for t in summary['temperatures'])}",
+        f"temperatures     {', '.join(_exact(t) for t in summary['temperatures'])}",
         f"shards           {summary['shards']} x {manifest['shard_seqs']} sequences "
         f"(inner chunks of {manifest['chunk_seqs']}), codec {manifest.get('codec')}",
         *_stats_lines(summary),
         f"build settings   {_settings_text(manifest.get('build_args') or {})}",
         f"build command    {command or '(not recorded: the cache was not made by kdcache build)'}",
     ]
+    relative = _relative_paths(manifest) if command else []
+    if relative:
+        lines.append(f"                 (run it from the directory the build ran in: {', '.join(relative)} "
+                     "are recorded relative to it)")
     print("\n".join(lines))
     return 0

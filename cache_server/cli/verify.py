@@ -15,12 +15,13 @@ EXIT_DAMAGED = 1
 
 DESCRIPTION = """\
 Check every stored shard of a cache against its manifest: size, sha256 and (unless --quick) that it
-decodes. With --decoded, also check every decoded copy of the cache that readers have made under the
-decode directory (the local uncompressed copies training reads from).
+decodes; and that the Zarr metadata files (zarr.json) are the ones the cache's layout implies. With
+--decoded, also check every decoded copy of the cache that readers have made under the decode directory
+(the local uncompressed copies training reads from).
 
 Exit status: 0 when everything checked is intact, 1 when a shard or decoded copy is damaged or missing
-(each one is named), 2 when DIR is not a readable cache. To repair damaged or missing shards, rerun the
-kdcache build command that made the cache (kdcache info DIR prints it); a damaged decoded copy is made
+(each one is named), 2 when DIR is not a readable cache. To repair damaged or missing shards or metadata,
+rerun the kdcache build command that made the cache (kdcache info DIR prints it); a damaged decoded copy is made
 again from the stored shard the next time a reader needs it.
 """
 
@@ -62,7 +63,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = False) -> list[str]:
-    """Check every stored shard the manifest lists; return one message per damaged or missing shard.
+    """Check the Zarr metadata and every stored shard the manifest lists; return one message per damaged or
+    missing file.
 
     Args:
         cache_dir: the cache directory.
@@ -71,7 +73,8 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
         progress: show a progress bar.
 
     Returns:
-        Problem messages, ``"array 'lse' shard 2 (PATH): <reason>"``; empty when the cache is intact.
+        Problem messages, ``"array 'lse' shard 2 (PATH): <reason>"`` or ``"Zarr metadata lse/zarr.json (PATH):
+        <reason>"``; empty when the cache is intact.
 
     Raises:
         CacheError: the directory is not a readable, finished cache (its manifest is checked in full).
@@ -79,12 +82,14 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
     manifest = fmt.load_manifest(cache_dir)
     layout = fmt.layout_from_manifest(manifest)
     specs = {spec.name: spec for spec in layout.arrays()}
+    # The Zarr metadata is made again from the layout and compared (Zarr readers need it; we do not).
+    problems = [f"Zarr metadata {relpath} ({Path(cache_dir) / relpath}): {why}"
+                for relpath, why in sorted(fmt.damaged_metadata(cache_dir, layout).items())]
     items = list(fmt.iter_shard_files(cache_dir, manifest))
     if progress:
         from tqdm import tqdm
 
         items = tqdm(items, desc="verifying", unit="shard")
-    problems: list[str] = []
     for name, index, path in items:
         try:
             raw = path.read_bytes()
@@ -129,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = fmt.load_manifest(args.cache_dir)
     problems = verify_cache(args.cache_dir, decode=not args.quick, progress=not args.no_progress)
     n_files = sum(len(entries) for entries in manifest["shards"].values())
+    n_metadata = len(fmt.layout_from_manifest(manifest).arrays()) + 1
     check_decoded = args.decoded or args.decode_dir is not None
     decode_root, decoded_problems = verify_decoded(args.cache_dir, args.decode_dir) if check_decoded else (None, [])
     elapsed_s = time.perf_counter() - started
@@ -143,5 +149,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  repair: {fmt.REPAIR_HINT}", file=sys.stderr)
         return EXIT_DAMAGED
     decoded_note = f", and every decoded copy under {decode_root}" if check_decoded else ""
-    print(f"kdcache verify: {args.cache_dir} OK ({n_files} shard files checked{decoded_note} in {elapsed_s:.2f}s)")
+    print(f"kdcache verify: {args.cache_dir} OK ({n_files} shard files and {n_metadata} metadata files checked"
+          f"{decoded_note} in {elapsed_s:.2f}s)")
     return 0

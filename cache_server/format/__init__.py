@@ -7,11 +7,15 @@ the two in step (tests pin exact manifest bytes).
 Modules:
     errors      CacheError, CorruptShardError (with structured fields) and the repair hint.
     layout      the arrays of a cache, their dtypes and shapes, sharding and chunking (CacheLayout).
-    manifest    canonical manifest bytes, parsing, validate_manifest, load_manifest.
-    shards      shard file paths, sha256, Zarr v3 writing, the shard decoder.
-    build_lock  the flock-based lock a running build holds, and how readers see it.
+    manifest    canonical manifest bytes, parsing, validate_manifest, read_manifest_bytes, load_manifest.
+    shards      shard file paths, sha256, Zarr v3 writing and metadata checks, the shard decoder.
+    build_lock  one build per directory: the flock-based lock a running build holds, and how readers see it.
+    decoded     decoded copies on local disk: their paths and their crc32c integrity record.
+    wire        the HTTP paths, headers and media types of ``kdcache serve`` (server and client share them).
 
-Everything in ``__all__`` is importable from here: ``from cache_server import format as fmt; fmt.CacheLayout``.
+Everything in ``__all__`` (the names of errors, layout, manifest and shards) is importable from here:
+``from cache_server import format as fmt; fmt.CacheLayout``. ``build_lock``, ``decoded`` and ``wire`` are
+imported as modules (``from cache_server.format import wire``).
 
 Shape notation::
 
@@ -46,11 +50,15 @@ from cache_server.format.manifest import (
     load_manifest,
     manifest_bytes,
     parse_manifest,
+    read_manifest_bytes,
     validate_manifest,
 )
 from cache_server.format.shards import (
+    GROUP_ATTRIBUTES,
     create_arrays,
+    damaged_metadata,
     decode_shard,
+    expected_metadata,
     iter_shard_files,
     shard_relpath,
     shard_sha256,

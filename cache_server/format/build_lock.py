@@ -3,8 +3,14 @@
 A build process (each rank of a multi-process build on its own file) holds an exclusive ``flock`` on
 ``DIR/.kdcache-build/lock.rank{R}`` for as long as it runs. The kernel drops the lock when the process dies,
 SIGKILL included, so a lock can never go stale: the file left behind by a killed build is just a file, and
-the next build takes it over. The file's content (JSON: pid, host, rank, world size, start time) is only
-there to name the holder in messages; whether a build runs is decided by the lock alone.
+the next build takes it over. The file's content (JSON: pid, host, rank, world size, start time) names the
+holder in messages, and tells a starting rank whether the other held locks belong to its own build.
+
+One build per directory, not per rank: a starting process takes its rank's lock, then refuses if any other
+rank's lock is held by a build with another world size (or, for a single-process build, by anything at
+all). Starters take these steps one at a time, under the short-lived ``lock.start`` guard (held for
+milliseconds, removed by whoever holds it last), so each sees the others' locks with their content written:
+two starters can never both go ahead unless they are ranks of one build.
 
 Readers (``kdcache info``/``verify``, ``open_cache``) call :func:`build_lock_holder`: it probes each rank's
 file with a non-blocking shared lock and releases it at once. A probe can overlap a build's start by
@@ -28,24 +34,26 @@ __all__ = [
     "BuildLockedError",
     "acquire_build_lock",
     "build_lock_holder",
+    "is_lock_file",
 ]
 
 BUILD_STATE_DIR = ".kdcache-build"
 _LOCK_PREFIX = "lock.rank"
+_GUARD_NAME = "lock.start"  # serializes starting builds (see the module docstring)
 # How long a starting build keeps retrying a lock that a reader's probe may hold for an instant.
 _ACQUIRE_RETRY_S = 1.0
 
 
 class BuildLockedError(Exception):
-    """Another ``kdcache build`` process holds the lock on this directory (and rank)."""
+    """Another ``kdcache build`` process holds a lock of this directory (its rank's, or another build's)."""
 
-    def __init__(self, cache_dir: Path, holder: str) -> None:
+    def __init__(self, cache_dir: Path, holder: str, why: str = "") -> None:
         self.cache_dir = cache_dir
         self.holder = holder
         super().__init__(
-            f"another `kdcache build` is already writing {str(cache_dir)!r} ({holder}); wait for it to finish "
-            "or stop it, then rerun this command (a killed build's lock is released by the OS, so a rerun "
-            "resumes it)"
+            f"another `kdcache build` is already writing {str(cache_dir)!r} ({holder}){why}; wait for it to "
+            "finish or stop it, then rerun this command (a killed build's lock is released by the OS, so a "
+            "rerun resumes it)"
         )
 
 
@@ -69,16 +77,30 @@ class BuildLock:
         self.release()
 
 
+def is_lock_file(name: str) -> bool:
+    """Whether a file name in the build-state directory is one of this module's lock files (never delete one:
+    a running build may hold it)."""
+    return name.startswith(_LOCK_PREFIX) or name == _GUARD_NAME
+
+
 def _lock_path(cache_dir: Path, rank: int) -> Path:
     return cache_dir / BUILD_STATE_DIR / f"{_LOCK_PREFIX}{rank}"
 
 
-def _describe(raw: bytes) -> str:
+def _holder_info(raw: bytes) -> dict | None:
     try:
         info = json.loads(raw)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _describe(raw: bytes) -> str:
+    info = _holder_info(raw)
+    try:
         return (f"pid {info['pid']} on host {info['host']}, rank {info['rank']} of {info['world_size']}, "
                 f"started {info['started_at']}")
-    except (ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "holder unknown"
 
 
@@ -90,45 +112,130 @@ def _still_at(fd: int, path: Path) -> bool:
         return False
 
 
-def acquire_build_lock(cache_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> BuildLock:
-    """Take the build lock of ``cache_dir`` for ``rank``; raise :class:`BuildLockedError` if another holds it.
+def _open_lock_file(path: Path) -> int:
+    """Open (creating) a lock file, and its directory, which a finishing build may remove meanwhile."""
+    for _ in range(100):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError(errno.ENOENT, "the build-state directory keeps disappearing", str(path.parent))
 
-    Creates ``cache_dir/.kdcache-build/`` if needed. Ranks of one multi-process build lock different files,
-    so they never refuse each other; two builds of the same rank do.
-    """
-    cache_dir = Path(cache_dir)
-    path = _lock_path(cache_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+def _busy(exc: OSError) -> bool:
+    return exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+
+
+def _lock_exclusive(path: Path, wait: bool) -> int:
+    """An fd of the file at ``path`` with an exclusive lock on it; with ``wait=False`` retry for up to
+    ``_ACQUIRE_RETRY_S`` (a reader's probe), then raise the ``BlockingIOError`` of a lock held elsewhere."""
+    fd = _open_lock_file(path)
     deadline = time.monotonic() + _ACQUIRE_RETRY_S
     while True:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if _still_at(fd, path):
-                break
-            # A finishing build removed the file we waited on (it cleans up after itself): lock the current one.
-            os.close(fd)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            if not _busy(exc) or time.monotonic() >= deadline:
                 os.close(fd)
                 raise
-            if time.monotonic() >= deadline:
-                holder = _describe(os.pread(fd, 4096, 0))
-                os.close(fd)
-                raise BuildLockedError(cache_dir, holder) from None
             time.sleep(0.05)
-    info = {
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-        "rank": rank,
-        "world_size": world_size,
-        "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(info, sort_keys=True).encode(), 0)
-    return BuildLock(path, fd)
+            continue
+        if _still_at(fd, path):
+            return fd
+        # The holder removed the file we waited on (builds clean up after themselves): lock the current one.
+        os.close(fd)
+        fd = _open_lock_file(path)
+
+
+def _unlink_held(fd: int, path: Path) -> None:
+    """Remove the lock file we hold (whoever waits on it then finds it gone and locks a new one)."""
+    if _still_at(fd, path):
+        os.unlink(path)
+
+
+def _conflict(cache_dir: Path, rank: int, world_size: int) -> BuildLockedError | None:
+    """The error for another build's lock held in ``cache_dir`` (None if every other held lock is a rank
+    of this build, i.e. has this world size, and this build has several ranks)."""
+    state_dir = cache_dir / BUILD_STATE_DIR
+    for name in sorted(os.listdir(state_dir)):
+        if not name.startswith(_LOCK_PREFIX) or name == f"{_LOCK_PREFIX}{rank}":
+            continue
+        raw = _held_content(state_dir / name)
+        if raw is None:
+            continue
+        info = _holder_info(raw) or {}
+        if world_size == 1 or info.get("world_size") != world_size:
+            mine = "as a single process" if world_size == 1 else f"with --world-size {world_size}"
+            return BuildLockedError(cache_dir, _describe(raw),
+                                    f"; a build {mine} cannot share the directory with it")
+    return None
+
+
+def acquire_build_lock(cache_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> BuildLock:
+    """Take the build lock of ``cache_dir`` for ``rank``; raise :class:`BuildLockedError` if another build holds
+    a lock of the directory.
+
+    Creates ``cache_dir/.kdcache-build/`` if needed. Ranks of one multi-process build (the same world size)
+    lock different files and never refuse each other; anything else that holds a lock of the directory,
+    another build of this rank included, makes this one refuse.
+    """
+    cache_dir = Path(cache_dir)
+    path = _lock_path(cache_dir, rank)
+    guard_path = cache_dir / BUILD_STATE_DIR / _GUARD_NAME
+    guard = _lock_exclusive(guard_path, wait=True)
+    try:
+        try:
+            fd = _lock_exclusive(path, wait=False)
+        except OSError as exc:
+            if not _busy(exc):
+                raise
+            raise BuildLockedError(cache_dir, _describe(_read_lock_file(path))) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "rank": rank,
+            "world_size": world_size,
+            "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info, sort_keys=True).encode(), 0)
+        conflict = _conflict(cache_dir, rank, world_size)
+        if conflict is not None:
+            _unlink_held(fd, path)
+            os.close(fd)
+            raise conflict
+        return BuildLock(path, fd)
+    finally:
+        _unlink_held(guard, guard_path)
+        os.close(guard)
+
+
+def _read_lock_file(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as file:
+            return file.read(4096)
+    except OSError:
+        return b""
+
+
+def _held_content(path: Path) -> bytes | None:
+    """The content of the lock file at ``path`` if a build holds its lock, else None."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if _busy(exc):
+                return os.pread(fd, 4096, 0)
+            raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def build_lock_holder(cache_dir: str | os.PathLike) -> str | None:
@@ -139,18 +246,7 @@ def build_lock_holder(cache_dir: str | os.PathLike) -> str | None:
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
     for name in names:
-        try:
-            fd = os.open(state_dir / name, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
-                    return _describe(os.pread(fd, 4096, 0))
-                raise
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
+        raw = _held_content(state_dir / name)
+        if raw is not None:
+            return _describe(raw)
     return None

@@ -5,9 +5,10 @@ it from then on. Those files sit outside the cache directory, on whatever local 
 root, and nothing re-reads the stored shard once they exist, so a flipped bit in one would otherwise be
 served to training silently. Each copy therefore carries its own crc32c: a small trailer after the
 ``.npy`` data, appended before the atomic rename that publishes the file (one file, so no window in which
-a copy and its record disagree). A reader checks the crc32c the first time it maps a copy in a process
-and decodes again from the stored shard (itself checked against the manifest's sha256) on a mismatch or
-a missing trailer. The trailer is invisible to ``numpy.load``, which reads exactly the bytes the header
+a copy and its record disagree). A reader checks the crc32c once per process per file version: the first
+time the process maps a copy with that (device, inode, mtime), whichever cache object maps it; a copy
+replaced or rewritten (with a new mtime) is checked again. It decodes again from the stored shard (itself
+checked against the manifest's sha256) on a mismatch or a missing trailer. The trailer is invisible to ``numpy.load``, which reads exactly the bytes the header
 describes.
 
 Shape notation::

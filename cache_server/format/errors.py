@@ -13,7 +13,7 @@ __all__ = ["CacheError", "CorruptShardError", "REPAIR_HINT"]
 REPAIR_HINT = (
     "to repair it, rerun the same `kdcache build` command you built the cache with (`kdcache info DIR` prints "
     "its arguments): it re-verifies every shard against the manifest and rebuilds only the damaged or missing "
-    "ones; or copy the cache again from an intact source"
+    "ones (and rewrites damaged Zarr metadata); or copy the cache again from an intact source"
 )
 
 

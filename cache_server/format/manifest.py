@@ -28,6 +28,7 @@ __all__ = [
     "manifest_bytes",
     "parse_manifest",
     "validate_manifest",
+    "read_manifest_bytes",
     "load_manifest",
     "layout_from_manifest",
 ]
@@ -105,14 +106,20 @@ def validate_manifest(manifest: Any, source: str = "manifest") -> CacheLayout:
     return layout
 
 
-def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read and validate ``DIR/manifest.json``.
+def read_manifest_bytes(cache_dir: str | os.PathLike, *, during_build: bool = False) -> bytes:
+    """The exact bytes of ``DIR/manifest.json`` of a finished cache that no build is writing.
 
-    A directory without one is a build still running (its lock is held), an unfinished build, or not a cache
-    at all; the error says which, and what to do.
+    Every local reader goes through here (``load_manifest``, ``open_cache``, ``kdcache serve``): a directory
+    a ``kdcache build`` is running on is refused, naming the build, even when it has a manifest, because the
+    build may be rewriting its shards (a repair) or about to replace the cache. A directory without a
+    manifest is an unfinished build or not a cache at all; the error says which, and what to do.
+
+    Args:
+        cache_dir: the cache directory.
+        during_build: skip the running-build check; only for the build itself, which holds the lock.
 
     Raises:
-        CacheError: the directory is missing, a file, without a manifest, or its manifest is unusable.
+        CacheError: the directory is missing, a file, being built, or without a manifest.
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.exists():
@@ -120,13 +127,30 @@ def load_manifest(cache_dir: str | os.PathLike) -> dict[str, Any]:
     if not cache_dir.is_dir():
         raise CacheError(f"{str(cache_dir)!r} is a file, not a cache directory")
     path = cache_dir / MANIFEST_NAME
+    holder = None if during_build else build_lock_holder(cache_dir)
+    if holder is not None:
+        state = f"has no {MANIFEST_NAME} yet" if not path.exists() else "is not opened"
+        raise CacheError(
+            f"{str(cache_dir)!r} {state}: a `kdcache build` is running on it ({holder}) and may be writing "
+            "its shards; wait for that build to finish (it writes the manifest last), then try again"
+        )
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise _no_manifest_error(cache_dir) from None
     except OSError as exc:
         raise CacheError(f"cannot read {path}: {exc.strerror or exc}; check its permissions") from exc
-    return parse_manifest(raw, source=str(path))
+
+
+def load_manifest(cache_dir: str | os.PathLike, *, during_build: bool = False) -> dict[str, Any]:
+    """Read and validate ``DIR/manifest.json`` (see :func:`read_manifest_bytes` for what is refused).
+
+    Raises:
+        CacheError: the directory is missing, a file, being built, without a manifest, or its manifest is
+            unusable.
+    """
+    raw = read_manifest_bytes(cache_dir, during_build=during_build)
+    return parse_manifest(raw, source=str(Path(cache_dir) / MANIFEST_NAME))
 
 
 def layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
@@ -154,12 +178,6 @@ def _layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
 
 def _no_manifest_error(cache_dir: Path) -> CacheError:
     where = f"{str(cache_dir)!r} has no {MANIFEST_NAME}"
-    holder = build_lock_holder(cache_dir)
-    if holder is not None:
-        return CacheError(
-            f"{where} yet: a `kdcache build` is running on it ({holder}); wait for that build to finish "
-            "(it writes the manifest last), then try again"
-        )
     if (cache_dir / "zarr.json").exists() or (cache_dir / BUILD_STATE_DIR).exists():
         return CacheError(
             f"{where}: unfinished build: rerun the same kdcache build command to resume it (no build is "

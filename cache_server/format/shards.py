@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -22,16 +23,24 @@ import numpy as np
 
 from cache_server.format.errors import CorruptShardError
 from cache_server.format.layout import CODEC_PRESETS, ArraySpec, CacheLayout
+from cache_server.format.manifest import FORMAT_NAME, FORMAT_VERSION
 
 __all__ = [
     "shard_relpath",
     "shard_sha256",
+    "GROUP_ATTRIBUTES",
     "create_arrays",
+    "expected_metadata",
+    "damaged_metadata",
     "write_shard",
     "verify_shard_bytes",
     "decode_shard",
     "iter_shard_files",
 ]
+
+# The attributes of a cache's root Zarr group (what marks a directory as a kdcache cache to Zarr users).
+GROUP_ATTRIBUTES = {"kdcache": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}}
+_METADATA_NAME = "zarr.json"
 
 # Inner chunks that were never written are marked in the shard index by this (offset, nbytes) pair.
 _MISSING_CHUNK = 0xFFFFFFFFFFFFFFFF
@@ -82,6 +91,38 @@ def create_arrays(cache_dir: str | os.PathLike, layout: CacheLayout, attributes:
             config={"write_empty_chunks": True},
         )
     return group
+
+
+def expected_metadata(layout: CacheLayout) -> dict[str, bytes]:
+    """The Zarr metadata files of a cache with ``layout``: ``{path relative to the cache: bytes}``.
+
+    :func:`create_arrays` writes them as a pure function of the layout (and the zarr version), so they are
+    made again here, in a temporary directory, to be compared with (or to replace) a cache's own.
+    """
+    with tempfile.TemporaryDirectory(prefix="kdcache-metadata-") as tmp:
+        create_arrays(tmp, layout, attributes=GROUP_ATTRIBUTES)
+        return {path.relative_to(tmp).as_posix(): path.read_bytes() for path in sorted(Path(tmp).rglob(_METADATA_NAME))}
+
+
+def damaged_metadata(cache_dir: str | os.PathLike, layout: CacheLayout) -> dict[str, str]:
+    """The Zarr metadata files of ``cache_dir`` that are not what its layout implies: ``{relative path: why}``.
+
+    A damaged ``zarr.json`` passes every shard check yet breaks Zarr readers; rerunning the build rewrites it.
+    """
+    problems = {}
+    for relpath, expected in expected_metadata(layout).items():
+        try:
+            raw = (Path(cache_dir) / relpath).read_bytes()
+        except FileNotFoundError:
+            problems[relpath] = "the metadata file is missing"
+            continue
+        except OSError as exc:
+            problems[relpath] = f"cannot be read ({exc.strerror or exc})"
+            continue
+        if raw != expected:
+            problems[relpath] = ("differs from the Zarr metadata the cache's layout implies (damaged, or written "
+                                 "by another zarr version)")
+    return problems
 
 
 def write_shard(

@@ -114,11 +114,7 @@ def register_cache(name: str, cache_dir: str | os.PathLike) -> RegisteredCache:
         )
     root = Path(cache_dir).resolve()
     path = root / fmt.MANIFEST_NAME
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        fmt.load_manifest(root)  # raises the clear error: missing, unfinished, still building, not a cache
-        raise
+    raw = fmt.read_manifest_bytes(root)  # refuses, saying why: missing, unfinished, a build running, not a cache
     manifest = fmt.parse_manifest(raw, source=str(path))  # the exact bytes served are the bytes validated
     return RegisteredCache(name=name, root=root, manifest_raw=raw, manifest=manifest,
                            layout=fmt.layout_from_manifest(manifest))

@@ -59,9 +59,23 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_DECODED_BYTES = 20 << 30
-DEFAULT_SHARD_CACHE_BYTES = DEFAULT_MAX_DECODED_BYTES  # the old name, kept for existing imports
 DEFAULT_PIECE_BYTES = 2 << 20
 _RETRY_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+# Old names of module attributes, still importable with a DeprecationWarning.
+_RENAMED = {"DEFAULT_SHARD_CACHE_BYTES": "DEFAULT_MAX_DECODED_BYTES"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RENAMED:
+        import warnings
+
+        new = _RENAMED[name]
+        warnings.warn(f"kdlib.data.remote.{name} is deprecated: it is now called {new} (same value)",
+                      DeprecationWarning, stacklevel=2)
+        return globals()[new]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class RemoteError(CacheError):

@@ -52,13 +52,9 @@ class LocalShardSource:
         self.description = str(self.cache_dir)
 
     def manifest_bytes(self) -> bytes:
-        """The manifest's bytes; without one, the format module's own error says why (missing directory, a
-        build still running or unfinished, not a cache)."""
-        try:
-            return (self.cache_dir / fmt.MANIFEST_NAME).read_bytes()
-        except OSError:
-            fmt.load_manifest(self.cache_dir)  # raises the error that explains the missing manifest
-            return (self.cache_dir / fmt.MANIFEST_NAME).read_bytes()  # it appeared meanwhile
+        """The manifest's bytes; the format module refuses (and says why) a missing directory, a build
+        running on it, an unfinished build, or not a cache."""
+        return fmt.read_manifest_bytes(self.cache_dir)
 
     def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes:
         """The stored bytes of one shard, or ``CorruptShardError`` naming it when its file is missing."""

@@ -9,7 +9,8 @@ shard many times (epochs, several DataLoader workers, several ranks), so a reade
 into a file under the decode directory and memory-maps that file from then on. The store is shared by
 local and remote caches: the source decides where the stored bytes come from, the store checks them
 against the manifest's sha256, decodes them, publishes the copy atomically (with its crc32c, see
-``cache_server.format.decoded``), checks that crc32c the first time a process maps a copy, keeps the
+``cache_server.format.decoded``), checks that crc32c once per process per file version (the first time the
+process maps a copy with that device, inode and mtime, whatever cache object maps it), keeps the
 directory within a byte limit (least recently used copies evicted; file mtime is the recency, so
 processes sharing the directory share one LRU) and decodes ahead in background threads on request.
 """
@@ -37,6 +38,10 @@ __all__ = ["DecodedShardStore"]
 log = logging.getLogger(__name__)
 
 _MAP_ATTEMPTS = 3
+
+
+# (st_dev, st_ino, st_mtime_ns) of decoded copies whose crc32c this process has checked or written.
+_KNOWN_GOOD_DECODED: set[tuple[int, int, int]] = set()
 
 
 class DecodedShardStore:
@@ -92,8 +97,9 @@ class DecodedShardStore:
         self._inflight_lock = threading.Lock()
         self._evict_lock = threading.Lock()
         self._touched_s: dict[tuple[str, int], float] = {}
-        # Files this process checked or wrote itself: a copy is checked once per process, not per map.
-        self._known_good: set[tuple[int, int, int]] = set()
+        # Files this process checked or wrote itself: a copy is checked once per process, not per map or per
+        # cache object (a forked child keeps its parent's set: those checks were made on the same files).
+        self._known_good = _KNOWN_GOOD_DECODED
         self._stale_tmp_checked = False
         self._pid = os.getpid()
 
