@@ -42,9 +42,9 @@ def _children_cpu_s() -> float:
 def pick_threads(requested: int | None) -> int:
     """Threads for torch: the CPUs this process may use, less those other processes keep busy.
 
-    OpenMP threads that wait at a barrier for a core a neighbour holds make each step several times slower
-    than fewer threads would (measured: 6x slower with 2 threads than 1 next to a busy neighbour on 2 cores),
-    so a shared machine gets fewer threads, not more.
+    OpenMP threads that wait at a barrier for a core a neighbour holds make each step slower than fewer
+    threads would (benchmarks/thread_oversubscription.py measures it with this demo's teacher), so a shared
+    machine gets fewer threads, not more.
     """
     if requested:
         return requested
