@@ -9,6 +9,8 @@ Public API:
 * :func:`kd_loss_from_batch` — takes the teacher tensors from a cache-reader batch.
 * :func:`kd_loss_from_hidden` — from hidden states and the LM head, never materializing [N, V].
 * :func:`kd_loss_reference` — the naive implementation every backend is tested against.
+* :func:`sampled_kd_loss` / :func:`sampled_kd_loss_reference` — forward KL from sampled teacher ids with
+  counts (unbiased in value and gradient; importance-weighted when sampled at another temperature).
 
 See docs/LOSSES.md for every formula, its gradient and the mapping to peers' conventions.
 """
@@ -17,6 +19,7 @@ from .api import KDLoss, kd_loss, kd_loss_from_batch, lse_key_for_temperature
 from .fused_linear import kd_loss_from_hidden
 from .options import KDLossOptions
 from .reference import kd_loss_reference
+from .sampled import sampled_kd_loss, sampled_kd_loss_reference
 from .sparse_math import DIVERGENCES, TAILS
 
 __all__ = [
@@ -29,4 +32,6 @@ __all__ = [
     "kd_loss_from_hidden",
     "kd_loss_reference",
     "lse_key_for_temperature",
+    "sampled_kd_loss",
+    "sampled_kd_loss_reference",
 ]
