@@ -194,3 +194,24 @@ def write_fast_synthetic_cache(
         writer.write_shard(i, arrays)
     writer.finalize()
     return Path(out_dir)
+
+
+def train_for_seconds(model: Any, tokens: np.ndarray, seq_len: int, seconds: float, batch: int = 16,
+                      lr: float = 3e-3, seed: int = 0) -> list[float]:
+    """AdamW (weight decay 0.01) on random windows of ``tokens`` for a wall-time budget; returns step losses."""
+    import torch
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
+        x = torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]))
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses

@@ -52,7 +52,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import machine_info  # noqa: E402
+from benchmarks._common import machine_info, train_for_seconds  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
 from cache_server.build.job import run_build  # noqa: E402
 from cache_server.build.options import BuildOptions  # noqa: E402
@@ -177,20 +177,9 @@ def _codec_table(cache: Path) -> dict:
 def _train_teacher(tokens: np.ndarray, vocab: int, seconds: float, seq_len: int, out_dir: Path, tok_dir: Path) -> dict:
     """AdamW on stdlib tokens for a fixed time budget; saves a transformers checkpoint."""
     model = _llama(vocab, hidden=128, layers=2, seed=1)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    rng = np.random.default_rng(0)
-    batch, steps, losses = 16, 0, []
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        starts = rng.integers(0, len(tokens) - seq_len - 1, size=batch)
-        x = torch.from_numpy(np.stack([tokens[s : s + seq_len] for s in starts]))
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        steps += 1
+    losses = train_for_seconds(model, tokens, seq_len, seconds)
+    steps = len(losses)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json"):

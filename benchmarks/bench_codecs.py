@@ -54,7 +54,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import write_results  # noqa: E402
+from benchmarks._common import train_for_seconds, write_results  # noqa: E402
 from cache_server import format as fmt  # noqa: E402
 from cache_server.build.targets import compute_targets  # noqa: E402
 
@@ -124,19 +124,10 @@ def trained_teacher(work: Path, train: np.ndarray, args) -> tuple[object, dict]:
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
         return LlamaForCausalLM.from_pretrained(out).eval(), {**meta, "reused": True}
-    model = llama(args.vocab, args.hidden, args.layers, max(1, args.hidden // 64), 1, seed=1).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    rng = np.random.default_rng(0)
-    steps, losses, t0 = 0, [], time.perf_counter()
-    while time.perf_counter() - t0 < args.train_s:
-        starts = rng.integers(0, len(train) - SEQ_LEN - 1, size=16)
-        x = torch.from_numpy(np.stack([train[s : s + SEQ_LEN] for s in starts]))
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
-        steps += 1
+    model = llama(args.vocab, args.hidden, args.layers, max(1, args.hidden // 64), 1, seed=1)
+    t0 = time.perf_counter()
+    losses = train_for_seconds(model, train, SEQ_LEN, args.train_s)
+    steps = len(losses)
     model.eval().save_pretrained(out, safe_serialization=True)
     meta = {"steps": steps, "batch": [16, SEQ_LEN], "train_s": round(time.perf_counter() - t0, 1),
             "first_loss": round(losses[0], 3), "final_loss_mean_last20": round(float(np.mean(losses[-20:])), 3),
