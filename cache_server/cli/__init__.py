@@ -16,7 +16,9 @@ import os
 import sys
 from typing import Callable, NoReturn
 
-__all__ = ["main", "build_parser", "kdcache_version", "SUBCOMMANDS", "EXIT_USER_ERROR", "EXIT_INTERNAL_ERROR"]
+__all__ = [
+    "main", "build_parser", "add_command", "kdcache_version", "SUBCOMMANDS", "EXIT_USER_ERROR", "EXIT_INTERNAL_ERROR",
+]
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -61,6 +63,15 @@ def kdcache_version() -> str:
         import cache_server
 
         return getattr(cache_server, "__version__", "unknown")
+
+
+def add_command(subparsers: argparse._SubParsersAction, name: str, *, help: str, description: str, epilog: str,
+                run: Callable[[argparse.Namespace], int], user_errors: Callable[[], tuple]) -> argparse.ArgumentParser:
+    """Add subcommand ``name``: plain-text help, and the defaults :func:`main` relies on (func, user_errors)."""
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.set_defaults(func=run, user_errors=user_errors)
+    return parser
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:

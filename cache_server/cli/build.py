@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from cache_server.cli import add_command
+
 __all__ = ["register", "run", "user_errors"]
 
 DESCRIPTION = """\
@@ -69,12 +71,9 @@ def register(subparsers) -> argparse.ArgumentParser:
     from cache_server import format as fmt
     from cache_server.build.sources import TEXT_DOCUMENT_MODES
 
-    p = subparsers.add_parser(
-        "build",
-        help="run a teacher over token data and write a top-k logit cache",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = add_command(
+        subparsers, "build", help="run a teacher over token data and write a top-k logit cache",
+        description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
     req = p.add_argument_group("required")
     req.add_argument("--teacher", required=True, metavar="CKPT",
@@ -122,7 +121,6 @@ def register(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-space-check", action="store_true",
                    help="start even if the estimated cache size exceeds the free space of the output filesystem")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=run, user_errors=user_errors)
     return p
 
 

@@ -9,6 +9,7 @@ import shlex
 from typing import Any, Mapping
 
 from cache_server import format as fmt
+from cache_server.cli import add_command
 
 __all__ = ["register", "run", "user_errors", "summarize", "build_command"]
 
@@ -26,16 +27,12 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "info",
-        help="print a cache's contents, size, teacher statistics and build command",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "info", help="print a cache's contents, size, teacher statistics and build command",
+        description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
     parser.add_argument("cache_dir", metavar="DIR", help="cache directory")
     parser.add_argument("--json", action="store_true", help="print the full manifest plus a summary as JSON")
-    parser.set_defaults(func=run, user_errors=user_errors)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

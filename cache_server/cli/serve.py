@@ -15,6 +15,8 @@ import ipaddress
 import socket
 from pathlib import Path
 
+from cache_server.cli import add_command
+
 __all__ = ["register", "run", "user_errors", "ServeOptionError", "is_loopback_host", "read_token_file",
            "bind_listening_socket", "DEFAULT_LIMIT_CONCURRENCY", "DEFAULT_TIMEOUT_KEEP_ALIVE_S"]
 
@@ -64,9 +66,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     from cache_server.serve.config import DEFAULT_DECODED_CACHE_BYTES, DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_MAX_ROWS
 
-    parser = subparsers.add_parser(
-        "serve", help="serve caches read-only over HTTP", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "serve", help="serve caches read-only over HTTP",
+        description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
     parser.add_argument("caches", nargs="+", metavar="[NAME=]DIR",
                         help="finished cache directories; the name defaults to the directory's basename")
@@ -91,7 +93,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         f"(default {DEFAULT_TIMEOUT_KEEP_ALIVE_S})")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--access-log", action="store_true", help="log every request (off by default: hot path)")
-    parser.set_defaults(func=run, user_errors=user_errors)
 
 
 def is_loopback_host(host: str) -> bool:

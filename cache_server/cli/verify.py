@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from cache_server import format as fmt
+from cache_server.cli import add_command
 
 __all__ = ["register", "run", "user_errors", "verify_cache", "verify_decoded", "VerifyInputError"]
 
@@ -35,12 +36,9 @@ examples:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "verify",
-        help="check every shard (and with --decoded every decoded copy) against the manifest",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    parser = add_command(
+        subparsers, "verify", help="check every shard (and with --decoded every decoded copy) against the manifest",
+        description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
     parser.add_argument("cache_dir", metavar="DIR", help="cache directory")
     parser.add_argument("--quick", action="store_true", help="skip decoding (sizes and sha256 only)")
@@ -50,7 +48,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--decode-dir", type=Path, default=None, metavar="D",
                         help="decode directory whose copies to check (implies --decoded)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run, user_errors=user_errors)
 
 
 class VerifyInputError(ValueError):
