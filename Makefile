@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kdcache-installed
 DEMO_DIR ?= demo_out
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-suite clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_loss.py --quick
 	$(PY) benchmarks/step_overhead.py --quick
 	$(PY) benchmarks/bench_server.py --quick
+
+# On a CUDA machine (installs what it needs itself): make gpu-suite GPU_OUT=gpu_results
+GPU_OUT ?= gpu_suite_out
+gpu-suite:
+	bash benchmarks/gpu_suite.sh $(GPU_OUT)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -29,6 +29,12 @@ from benchmarks._common import median, write_fast_synthetic_cache, write_results
 from cache_server import format as fmt  # noqa: E402
 
 
+def _stored_shards(cache_dir: Path, layout) -> dict[str, bytes]:
+    """Shard 0 of ``topk_ids`` and of what decoding it needs (format v2 orders it by ``topk_logprobs``)."""
+    return {name: (cache_dir / fmt.shard_relpath(name, 0, 3)).read_bytes()
+            for name in fmt.decode_inputs(layout, "topk_ids")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -56,8 +62,8 @@ def main() -> None:
     for kib, out in caches.items():
         layout = fmt.layout_from_manifest(fmt.load_manifest(out))
         spec = next(s for s in layout.arrays() if s.name == "topk_ids")
-        raw = (out / fmt.shard_relpath("topk_ids", 0, 3)).read_bytes()
-        decoded = fmt.decode_shard(raw, spec, layout, 0)
+        raws = _stored_shards(out, layout)
+        decoded = fmt.decode_shard(raws["topk_ids"], spec, layout, 0, companions=raws)
         if reference is None:
             reference = decoded
         elif not np.array_equal(decoded, reference):
@@ -72,9 +78,9 @@ def main() -> None:
             manifest = fmt.load_manifest(out)
             layout = fmt.layout_from_manifest(manifest)
             spec = next(s for s in layout.arrays() if s.name == "topk_ids")
-            raw = (out / fmt.shard_relpath("topk_ids", 0, 3)).read_bytes()
+            raws = _stored_shards(out, layout)
             t0 = time.perf_counter()
-            fmt.decode_shard(raw, spec, layout, 0)
+            fmt.decode_shard(raws["topk_ids"], spec, layout, 0, companions=raws)
             timings[kib]["decode_s"].append(time.perf_counter() - t0)
             arr = zarr.open_group(str(out), mode="r")["topk_ids"]
             starts = rng.integers(0, num_sequences // layout.chunk_seqs, size=8) * layout.chunk_seqs

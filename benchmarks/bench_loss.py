@@ -5,9 +5,12 @@ Shape notation: N rows (B·T), V vocabulary, K teacher top-k, H hidden size.
 Measures fwd, bwd and fwd+bwd wall time (medians over interleaved repetitions A, B, C, A, B, C, ...) and
 peak memory of:
 
-    ce         F.cross_entropy(logits, labels)                         (the cost to match)
-    kd_fused   kd_loss(ce_weight=1, forward_kl, tail=bucket), fused backend (torch on CPU, triton on CUDA)
-    reference  the naive kd_loss_reference (full log_softmax + masks + autograd)
+    ce          F.cross_entropy(logits, labels)                         (the cost to match)
+    kd_fused    kd_loss(ce_weight=1, forward_kl, tail=bucket), fused backend (torch on CPU, triton on CUDA)
+    kd_sampled  kd_loss(ce_weight=1) on sampled targets: W = 64 slots, ~12 of them drawn (count > 0), the
+                rest count-0 padding, with sample_logprobs (what a `--targets sample` cache holds)
+    kd_hybrid   kd_loss(ce_weight=1) on hybrid targets: an exact head of H = 8 ids + the same W = 64 slots
+    reference   the naive kd_loss_reference (full log_softmax + masks + autograd) on the top-k targets
 
 and the fused-linear variant (kd_loss_from_hidden) vs materialized logits (hidden @ Wᵀ then kd_loss):
 fwd+bwd time and peak memory, and eval time under torch.no_grad() (interleaved medians; the fused-linear
@@ -18,7 +21,8 @@ Peak memory, CPU: the process's peak resident set (VmHWM in /proc/self/status) i
 glibc serves every allocation above its mmap threshold (at most 32 MiB) with mmap, so freed [N, V] tensors
 really leave the resident set, and the number is what the OS had to provide: every buffer (the logits'
 gradient, temporaries, heap growth from chunk temporaries, allocator slack) counts, nothing is modelled. CUDA: torch.cuda peak
-allocated bytes. Correctness (values and gradients vs the reference) is checked before any timing.
+allocated bytes. Correctness (values and gradients vs the reference: top-k, sampled and hybrid) is checked
+before any timing.
 
 Usage:
     python benchmarks/bench_loss.py --quick               # [4096, 32000] fp32 on CPU (+ CUDA shape if present)
@@ -92,7 +96,37 @@ def make_inputs(n, vocab, k, dtype, device, seed=0):
     return logits, topk_ids, topk_logprobs, labels
 
 
-def methods(backend):
+SAMPLE_SLOTS, SAMPLE_UNIQUE, SAMPLE_DRAWS, HYBRID_HEAD = 64, 12, 32, 8
+
+
+def make_sample_targets(n, vocab, device, seed=0):
+    """Sampled targets [N, W] like a `--targets sample` cache: ~12 drawn ids per row (counts summing to 32,
+    ascending by nothing in particular), the other slots padding (count 0, id 0), fp16 log-probs; and a
+    hybrid head [N, H] of other ids with its fp16 log-probs (descending)."""
+    g = torch.Generator(device="cpu").manual_seed(seed + 1)
+    base = min(n, 64)  # rows repeat (cheap to make); the loss does not care
+    perm = torch.stack([torch.randperm(vocab, generator=g)[:SAMPLE_UNIQUE + HYBRID_HEAD] for _ in range(base)])
+    draws = torch.randint(0, SAMPLE_UNIQUE, (base, SAMPLE_DRAWS), generator=g)
+    counts = torch.zeros(base, SAMPLE_SLOTS, dtype=torch.int64).scatter_add_(1, draws, torch.ones_like(draws))
+    counts = counts.sort(1, descending=True).values
+    ids = torch.zeros(base, SAMPLE_SLOTS, dtype=torch.int64)
+    ids[:, :SAMPLE_UNIQUE] = perm[:, :SAMPLE_UNIQUE]
+    ids = torch.where(counts > 0, ids, 0)
+    logprobs = torch.where(counts > 0, -4.0 - 3.0 * torch.rand(base, SAMPLE_SLOTS, generator=g), 0.0)
+    head_lps = torch.log_softmax(torch.randn(base, HYBRID_HEAD, generator=g) * 2, -1) - 0.3
+    head_lps = head_lps.sort(-1, descending=True).values
+
+    def rows(x, dtype):
+        return x.repeat((n + base - 1) // base, 1)[:n].to(device=device, dtype=dtype)
+
+    return dict(sample_ids=rows(ids, torch.int32), sample_counts=rows(counts, torch.uint8),
+                sample_logprobs=rows(logprobs, torch.float16), sample_temperature=1.0), (
+        rows(perm[:, SAMPLE_UNIQUE:], torch.int32), rows(head_lps, torch.float16))
+
+
+def methods(backend, sampled, head):
+    """Loss functions of the student logits z [N, V] and the top-k targets (ids, lps, labels)."""
+
     def ce(z, ids, lps, labels):
         return F.cross_entropy(z, labels, ignore_index=-100)
 
@@ -100,10 +134,16 @@ def methods(backend):
         return kd_loss(z, ids, lps, labels=labels, ce_weight=1.0, kd_weight=1.0, divergence="forward_kl",
                        tail="bucket", backend=backend)
 
+    def kd_sampled(z, ids, lps, labels, kd_backend=backend):
+        return kd_loss(z, labels=labels, ce_weight=1.0, backend=kd_backend, **sampled)
+
+    def kd_hybrid(z, ids, lps, labels, kd_backend=backend):
+        return kd_loss(z, *head, labels=labels, ce_weight=1.0, backend=kd_backend, **sampled)
+
     def reference(z, ids, lps, labels):
         return kd_loss_reference(z, ids, lps, labels=labels, ce_weight=1.0, kd_weight=1.0)
 
-    return {"ce": ce, "kd_fused": fused, "reference": reference}
+    return {"ce": ce, "kd_fused": fused, "kd_sampled": kd_sampled, "kd_hybrid": kd_hybrid, "reference": reference}
 
 
 def sync(device):
@@ -134,29 +174,37 @@ def peak_once(fn, logits, args, device):
     return mem.peak_mb
 
 
+def _value_and_grad(fn, logits, args, **kwargs):
+    z = logits.detach().requires_grad_(True)
+    loss = fn(z, *args, **kwargs)
+    loss.backward()
+    return loss.item(), z.grad.float()
+
+
 def check_correct(fns, logits, args, dtype):
-    grads, values = {}, {}
-    for name in ("kd_fused", "reference"):
-        z = logits.detach().requires_grad_(True)
-        loss = fns[name](z, *args)
-        loss.backward()
-        values[name], grads[name] = loss.item(), z.grad.float()
+    """Each fused loss against its naive reference (values and gradients) before anything is timed."""
+    pairs = [("kd_fused", fns["kd_fused"], fns["reference"], {})]
+    pairs += [(name, fns[name], fns[name], {"kd_backend": "reference"}) for name in ("kd_sampled", "kd_hybrid")]
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    dv = abs(values["kd_fused"] - values["reference"])
-    dg = (grads["kd_fused"] - grads["reference"]).abs().max().item() / grads["reference"].abs().max().item()
-    if dv > tol * max(1.0, abs(values["reference"])) or dg > tol:
-        raise SystemExit(f"fused loss disagrees with the reference: |dvalue|={dv:.3g}, rel |dgrad|={dg:.3g}")
-    return dv, dg
+    for name, fused, reference, ref_kwargs in pairs:
+        value, grad = _value_and_grad(fused, logits, args)
+        ref_value, ref_grad = _value_and_grad(reference, logits, args, **ref_kwargs)
+        dv = abs(value - ref_value)
+        dg = (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item()
+        if dv > tol * max(1.0, abs(ref_value)) or dg > tol:
+            raise SystemExit(f"{name} disagrees with the reference: |dvalue|={dv:.3g}, rel |dgrad|={dg:.3g}")
+        print(f"  checked {name:10s} vs reference: |dvalue|={dv:.2g}, rel |dgrad|={dg:.2g}", flush=True)
 
 
 def bench_shape(n, vocab, k, dtype, device, backend, repeats, with_reference=True):
     logits, ids, lps, labels = make_inputs(n, vocab, k, dtype, device)
-    fns = methods(backend)
-    if not with_reference:
-        fns.pop("reference")
-    if with_reference:
-        check_correct(fns, logits, (ids, lps, labels), dtype)
+    sampled, head = make_sample_targets(n, vocab, device)
+    fns = methods(backend, sampled, head)
     args = (ids, lps, labels)
+    if with_reference:
+        check_correct(fns, logits, args, dtype)
+    else:
+        fns.pop("reference")
     for fn in fns.values():  # warm-up
         time_once(fn, logits, args, device)
     times = {name: ([], []) for name in fns}
@@ -272,6 +320,10 @@ def main(argv=None):
             fwd_time_ratio_vs_ce=res["kd_fused"]["fwd_ms"] / res["ce"]["fwd_ms"],
             bwd_time_ratio_vs_ce=res["kd_fused"]["bwd_ms"] / res["ce"]["bwd_ms"],
             peak_mem_ratio_vs_ce=res["kd_fused"]["peak_mb"] / res["ce"]["peak_mb"],
+            sampled_time_ratio_vs_ce=res["kd_sampled"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
+            sampled_peak_mem_ratio_vs_ce=res["kd_sampled"]["peak_mb"] / res["ce"]["peak_mb"],
+            hybrid_time_ratio_vs_ce=res["kd_hybrid"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
+            hybrid_peak_mem_ratio_vs_ce=res["kd_hybrid"]["peak_mb"] / res["ce"]["peak_mb"],
             time_ratio_reference_vs_ce=res["reference"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
             peak_mem_ratio_reference_vs_ce=res["reference"]["peak_mb"] / res["ce"]["peak_mb"],
             fused_linear_peak_mem_ratio_vs_materialized=lin["from_hidden"]["peak_mb"] / lin["materialized"]["peak_mb"],

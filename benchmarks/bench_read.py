@@ -3,7 +3,10 @@
 Every batch is materialized: copied into preallocated staging tensors as a training loader would (a lazy
 view that is never touched would not count). Cold runs start from an empty decode directory with the stored
 shard files dropped from the page cache (posix_fadvise DONTNEED) and readahead off; both modes run pinned to
-one core. Modes are interleaved (cold, warm, cold, warm, ...) and medians reported.
+one core. Modes are interleaved (cold, warm, cold, warm, ...) and medians reported. The same cache is also
+written in format v1 (slots in canonical order, no delta filter) and read in the same rounds, so the cost of
+format v2's decode (a per-position sort) is reported as a ratio measured under the same load
+(``cold_v2_over_v1``, ``warm_v2_over_v1``; ``--no-v1`` skips it).
 
 Usage::
 
@@ -42,6 +45,25 @@ def drop_from_page_cache(cache_dir: Path) -> None:
                 os.close(fd)
 
 
+def write_v1_copy(cache_dir: Path, out_dir: Path, manifest: dict) -> Path:
+    """The same cache in format version 1 (slots stored in canonical order, no delta filter), for the A/B."""
+    import dataclasses
+
+    layout = dataclasses.replace(fmt.layout_from_manifest(manifest), format_version=1)
+    v2 = fmt.layout_from_manifest(manifest)
+    fmt.create_arrays(out_dir, layout, attributes=fmt.group_attributes(layout))
+    specs = {spec.name: spec for spec in v2.arrays()}
+    shards = {name: [] for name in specs}
+    for i in range(v2.num_shards):
+        raws = {name: (cache_dir / fmt.shard_relpath(name, i, 1 + len(spec.trailing_shape))).read_bytes()
+                for name, spec in specs.items()}
+        arrays = {name: fmt.decode_shard(raws[name], spec, v2, i, companions=raws) for name, spec in specs.items()}
+        for name, entry in fmt.write_shard(out_dir, layout, i, arrays).items():
+            shards[name].append(entry)
+    (out_dir / fmt.MANIFEST_NAME).write_bytes(fmt.manifest_bytes({**manifest, "format_version": 1, "shards": shards}))
+    return out_dir
+
+
 def read_all(cache_dir: Path, decode_dir: Path, batch_seqs: int, readahead: int) -> tuple[float, int]:
     """Read every sequence in batches, copying each batch into staging buffers; return (seconds, tokens)."""
     started = time.perf_counter()
@@ -70,6 +92,7 @@ def main() -> None:
     parser.add_argument("--batch-seqs", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--skip-loader", action="store_true", help="skip the loader throughput section")
+    parser.add_argument("--no-v1", action="store_true", help="skip the format v1 copy read in the same rounds")
     args = parser.parse_args()
     num_sequences = 1024 if args.quick else 8192
     repeats = args.repeats or (3 if args.quick else 5)
@@ -86,14 +109,23 @@ def main() -> None:
     manifest = fmt.load_manifest(cache_dir)
     os.sync()  # a fresh cache's dirty pages would otherwise be written back during the first timed run
 
-    # Correctness before timing: our decode-once path equals zarr's own read.
+    # Correctness before timing: our decode-once path equals zarr's own read (zarr returns the stored form:
+    # format v2 slots by ascending id, which slots.canonicalize puts back in canonical order).
+    import warnings
+
     import zarr
+
+    from cache_server.format import slots
 
     group = zarr.open_group(str(cache_dir), mode="r")
     with open_cache(cache_dir, decode_dir=work / "check") as check_cache:  # closing waits for readahead
         check = check_cache.read(5, 40)
+    layout = fmt.layout_from_manifest(manifest)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zarr: "numcodecs codecs are not in the Zarr v3 specification"
+        via_zarr = slots.canonicalize(layout, {spec.name: group[spec.name][5:40] for spec in layout.arrays()})
     for name, tensor in check.items():
-        want = group[name][5:40]
+        want = via_zarr[name]
         got = tensor.numpy()
         if got.dtype.kind in "iu":
             got = got.astype(np.int64)
@@ -102,19 +134,25 @@ def main() -> None:
             raise SystemExit(f"correctness check failed for {name}")
     shutil.rmtree(work / "check")
 
+    # The same data in format v1, read in the same interleaved rounds: the v2 decode's cost as a ratio.
+    caches = {"v2": cache_dir}
+    if not args.no_v1:
+        caches["v1"] = write_v1_copy(cache_dir, work / "v1", manifest)
     rows = []
-    cold_tps, warm_tps = [], []
+    tps: dict[tuple[str, str], list[float]] = {}
     decode_dir = work / "decoded"
     for rep in range(repeats):
-        shutil.rmtree(decode_dir, ignore_errors=True)
-        drop_from_page_cache(cache_dir)
-        seconds, tokens = read_all(cache_dir, decode_dir, args.batch_seqs, readahead=0)
-        cold_tps.append(tokens / seconds)
-        rows.append({"mode": "cold", "repeat": rep, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
-        seconds, tokens = read_all(cache_dir, decode_dir, args.batch_seqs, readahead=0)
-        warm_tps.append(tokens / seconds)
-        rows.append({"mode": "warm", "repeat": rep, "seconds": seconds, "tokens": tokens, "tokens_per_s": tokens / seconds})
-        print(f"repeat {rep}: cold {cold_tps[-1] / 1e6:.2f}M tok/s, warm {warm_tps[-1] / 1e6:.2f}M tok/s", file=sys.stderr)
+        for version, directory in caches.items():
+            shutil.rmtree(decode_dir, ignore_errors=True)
+            drop_from_page_cache(directory)
+            for mode in ("cold", "warm"):
+                seconds, tokens = read_all(directory, decode_dir, args.batch_seqs, readahead=0)
+                tps.setdefault((version, mode), []).append(tokens / seconds)
+                rows.append({"format": version, "mode": mode, "repeat": rep, "seconds": seconds, "tokens": tokens,
+                             "tokens_per_s": tokens / seconds})
+            print(f"repeat {rep} {version}: cold {tps[version, 'cold'][-1] / 1e6:.2f}M tok/s, warm "
+                  f"{tps[version, 'warm'][-1] / 1e6:.2f}M tok/s", file=sys.stderr)
+    cold_tps, warm_tps = tps["v2", "cold"], tps["v2", "warm"]
 
     summary = {
         "benchmark": "bench_read",
@@ -128,7 +166,13 @@ def main() -> None:
         "cold_tokens_per_s": round(median(cold_tps)),
         "warm_target": 10_000_000,
         "cold_target": 2_000_000,
+        "format_version": manifest["format_version"],
     }
+    if "v1" in caches:
+        summary["v1"] = {"warm_tokens_per_s": round(median(tps["v1", "warm"])),
+                         "cold_tokens_per_s": round(median(tps["v1", "cold"]))}
+        summary["cold_v2_over_v1"] = round(median(tps["v2", "cold"]) / median(tps["v1", "cold"]), 3)
+        summary["warm_v2_over_v1"] = round(median(tps["v2", "warm"]) / median(tps["v1", "warm"]), 3)
 
     if not args.skip_loader:
         try:

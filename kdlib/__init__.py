@@ -3,9 +3,13 @@
 Public entry points (imported lazily so `import kdlib` stays cheap and optional extras stay optional):
 
 * ``open_cache(path_or_url)``: a local (memory-mapped) or remote (HTTP) cache with ``read(start, stop)``.
-* ``kd_loss`` / ``KDLoss`` / ``kd_loss_from_batch`` / ``kd_loss_from_hidden``: sparse-KD losses fused with CE.
+* ``kd_loss`` / ``KDLoss`` / ``kd_loss_from_batch`` / ``kd_loss_from_hidden``: sparse-KD losses fused with CE,
+  for top-k, sampled and hybrid caches through the same call.
 * ``make_loader`` / ``CacheDataset`` / ``check_alignment``: the training-side data path.
+* ``score_sequences``: per-sequence student-vs-teacher KL; subsets from it in ``kdlib.selection``.
 * ``kd_step_loss(model, batch, **loss_kwargs)``: run the student on the batch's own tokens, return (loss, logits).
+* ``PackedEnsemble`` / ``packed_step`` / ``packed_kd_loss`` / ``evaluate_ensemble``: M students trained in one
+  vmapped step, and ensemble evaluation (``kdlib.ensemble``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,11 @@ _EXPORTS = {
     "RemoteCache": "kdlib.data.remote",
     "kd_step_loss": "kdlib.integrations.step",
     "distill_loss": "kdlib.integrations.step",
+    "score_sequences": "kdlib.selection",
+    "PackedEnsemble": "kdlib.ensemble",
+    "packed_step": "kdlib.ensemble",
+    "packed_kd_loss": "kdlib.ensemble",
+    "evaluate_ensemble": "kdlib.ensemble",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

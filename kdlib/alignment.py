@@ -35,8 +35,8 @@ from typing import Mapping
 
 import torch
 
-from .batch import (DEFAULT_IGNORE_INDEX, AlignmentError, check_student_vocab, check_topk_ids_in_vocab,
-                    shift_labels, teacher_vocab_size_of)
+from .batch import (DEFAULT_IGNORE_INDEX, AlignmentError, check_sample_ids_in_vocab, check_student_vocab,
+                    check_topk_ids_in_vocab, shift_labels, teacher_vocab_size_of)
 
 __all__ = ["AlignmentError", "check_alignment", "check_topk_ids_in_vocab", "shift_labels", "DEFAULT_IGNORE_INDEX"]
 
@@ -99,6 +99,8 @@ def check_alignment(
     topk_ids = teacher_batch.get("topk_ids")
     if topk_ids is not None:
         check_topk_ids_in_vocab(topk_ids, int(student_vocab_size), vocab_of="student")  # one device sync
+    if teacher_batch.get("sample_ids") is not None:
+        check_sample_ids_in_vocab(teacher_batch, int(student_vocab_size), vocab_of="student")  # one device sync
 
 
 def _check_tokens(student_input_ids: torch.Tensor, teacher_ids: torch.Tensor) -> None:

@@ -16,6 +16,11 @@ One owner for what a cache batch is: :func:`kdlib.make_loader`, :class:`kdlib.Ca
     topk_logprobs       [B, T, K]  float16 (as stored)
     lse                 [B, T]     float32  teacher full-vocab logsumexp
     lse_t{tau:g}        [B, T]     float32  one per build temperature
+    sample_ids          [B, T, W]  int32    sample / hybrid caches: distinct drawn ids (padding: id 0)
+    sample_counts       [B, T, W]  uint8 | int32  draws per slot (0: padding)
+    sample_logprobs     [B, T, W]  float16 (as stored) exact teacher log-probs of the slots (when stored)
+    sample_temperature  []         float32  sample / hybrid caches: the temperature the draws were taken at
+                                            (stays on the CPU, like the two below)
     sample_indices      [B]        int64    the cache sequence of each row (-1 for a padding row)
     teacher_vocab_size  []         int64    the cache's vocabulary (stays on the CPU)
 
@@ -30,8 +35,9 @@ int32, log-probs float16); :func:`move_batch` widens ``input_ids`` to int64 ther
 ``cross_entropy`` take) and leaves the top-k arrays compact (the loss widens them). ``sample_indices`` and
 ``teacher_vocab_size`` stay on the CPU, so reading them never waits for the device.
 
-Every cached top-k id is checked against the teacher's vocabulary where a batch is made (on the CPU, one pass
-over [B, T, K] compact ids), so the alignment check of a training step needs no device sync.
+Every cached top-k id, and every sample id of a slot with a count, is checked against the teacher's vocabulary
+where a batch is made (on the CPU, one pass over [B, T, K] / [B, T, W] compact ids), so the alignment check
+of a training step needs no device sync.
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ __all__ = [
     "shift_labels",
     "batch_labels",
     "check_topk_ids_in_vocab",
+    "check_sample_ids_in_vocab",
     "check_student_vocab",
     "teacher_vocab_size_of",
     "read_batch",
@@ -60,7 +67,7 @@ __all__ = [
 DEFAULT_IGNORE_INDEX = -100
 # Bookkeeping entries that stay on the CPU in move_batch: reading them (int(), .tolist()) then never waits for
 # the device, and nothing on the device needs them.
-KEEP_ON_CPU = ("sample_indices", "teacher_vocab_size")
+KEEP_ON_CPU = ("sample_indices", "teacher_vocab_size", "sample_temperature")
 _WIDEN_ON_DEVICE = ("input_ids",)
 
 
@@ -159,7 +166,7 @@ def check_student_vocab(student_vocab_size: int, teacher_vocab_size: int | None,
 
 
 def check_topk_ids_in_vocab(topk_ids: torch.Tensor | np.ndarray, vocab_size: int, *,
-                            vocab_of: str = "teacher") -> None:
+                            vocab_of: str = "teacher", what: str = "top-k") -> None:
     """Raise :class:`AlignmentError` if a cached top-k id is not below ``vocab_size``.
 
     Meant for CPU batches where they are made (one pass over [B, T, K] compact ids); on a device tensor it
@@ -170,6 +177,7 @@ def check_topk_ids_in_vocab(topk_ids: torch.Tensor | np.ndarray, vocab_size: int
         vocab_size: the vocabulary the ids must index.
         vocab_of: ``"teacher"`` (the cache's manifest ``vocab_size``: an id beyond it means an inconsistent
             cache) or ``"student"`` (the student's output size: the teacher's vocabulary is larger).
+        what: the kind of id, named in the error (``"top-k"``, ``"sample"``).
     """
     if vocab_of not in ("teacher", "student"):
         raise ValueError(f"vocab_of must be 'teacher' or 'student', got {vocab_of!r}")
@@ -187,11 +195,11 @@ def check_topk_ids_in_vocab(topk_ids: torch.Tensor | np.ndarray, vocab_size: int
         return
     if vocab_of == "teacher":
         raise AlignmentError(
-            f"the cache holds teacher top-k id {largest}, outside the teacher's vocabulary of {int(vocab_size)} "
+            f"the cache holds teacher {what} id {largest}, outside the teacher's vocabulary of {int(vocab_size)} "
             "that its manifest states: the cache is inconsistent (built with another vocab_size than its "
             "teacher's output size); rebuild it with the teacher's real vocabulary size")
     raise AlignmentError(
-        f"the cache holds teacher top-k id {largest}, outside the student's vocabulary of {int(vocab_size)}: the "
+        f"the cache holds teacher {what} id {largest}, outside the student's vocabulary of {int(vocab_size)}: the "
         "teacher's vocabulary is larger; use a student with the teacher's tokenizer and vocab_size")
 
 
@@ -230,10 +238,30 @@ def read_batch(cache: Any, indices: Sequence[int] | np.ndarray, arrays: Sequence
     vocab_size = int(cache.vocab_size)
     if "topk_ids" in batch:
         check_topk_ids_in_vocab(batch["topk_ids"], vocab_size)  # [B, T, K], here on the CPU
+    if "sample_ids" in batch:
+        check_sample_ids_in_vocab(batch, vocab_size)
+    layout = getattr(cache, "layout", None)
+    if layout is not None and getattr(layout, "has_samples", False):
+        batch["sample_temperature"] = torch.tensor(float(layout.sample_temperature), dtype=torch.float32)
     batch["labels"] = shift_labels(batch["input_ids"], ignore_index)  # [B, T]
     batch["sample_indices"] = torch.from_numpy(idx.copy())  # [B]
     batch["teacher_vocab_size"] = torch.tensor(vocab_size, dtype=torch.int64)
     return batch
+
+
+def check_sample_ids_in_vocab(batch: Mapping[str, torch.Tensor], vocab_size: int, *, vocab_of: str = "teacher") -> None:
+    """Sample ids of slots with a count must be < vocab (padding slots hold id 0 and are not looked at).
+
+    Args:
+        batch: a batch with ``sample_ids`` [B, T, W] (and ``sample_counts`` [B, T, W]).
+        vocab_size: the vocabulary the ids must index.
+        vocab_of: ``"teacher"`` or ``"student"``, as for :func:`check_topk_ids_in_vocab`.
+    """
+    ids = batch["sample_ids"]  # [B, T, W]
+    counts = batch.get("sample_counts")
+    if counts is not None:
+        ids = torch.where(counts > 0, ids, torch.zeros((), dtype=ids.dtype))
+    check_topk_ids_in_vocab(ids, vocab_size, vocab_of=vocab_of, what="sample")
 
 
 def padding_batch(cache: Any, any_index: int, arrays: Sequence[str] | None = None,

@@ -83,18 +83,16 @@ class CacheDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         batch = self.batch([index])
-        vocab = batch.pop("teacher_vocab_size")
-        sample = {k: v[0] for k, v in batch.items()}
-        sample["teacher_vocab_size"] = vocab
-        return sample
+        scalars = _pop_scalars(batch)
+        return {**{k: v[0] for k, v in batch.items()}, **scalars}
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, torch.Tensor]]:
         """One lookup for a whole sampler batch; the default collate stacks the rows back."""
         batch = self.batch(list(indices))
-        vocab = batch.pop("teacher_vocab_size")
-        rows = []
-        for r in range(len(indices)):
-            row = {k: v[r] for k, v in batch.items()}
-            row["teacher_vocab_size"] = vocab
-            rows.append(row)
-        return rows
+        scalars = _pop_scalars(batch)
+        return [{**{k: v[r] for k, v in batch.items()}, **scalars} for r in range(len(indices))]
+
+
+def _pop_scalars(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's 0-dim entries (``teacher_vocab_size``, ``sample_temperature``): the same for every row."""
+    return {k: batch.pop(k) for k in [k for k, v in batch.items() if v.dim() == 0]}

@@ -24,6 +24,12 @@ run resumed with another ``num_workers``, world size or batch size continues exa
 is repeated or skipped. Resuming on another cache (other sequences, or the same ones sharded differently,
 which changes the order) is refused.
 
+Subsets and weights (``subset=`` indices, or ``weights=`` per-sequence sampling weights with ``num_samples=``
+draws per epoch): the epoch's order becomes that of a ``kdlib.order.Selection`` of length L, still a function of
+``(seed, epoch)``, and everything above (partition, remainder, cursor, resume) works on it unchanged; the state
+then names the selection, and resuming with another one is refused. ``kdlib.selection`` makes such subsets
+(hardest sequences by student-vs-teacher KL, bags, clusters, difference sampling).
+
 Because the order is known in advance, the shards of the next ``prefetch_windows`` shuffle window(s) this rank
 will read are fetched (remote) and decoded in the background while the current window is consumed
 (``cache.prefetch_shards``; split among the workers, which share the decoded-shard directory), so a cold or
@@ -51,10 +57,11 @@ import os
 import warnings
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .batch import DEFAULT_IGNORE_INDEX, KEEP_ON_CPU, move_batch
-from .order import EpochPlan, RankPlan, epoch_order, resolve_rank_world, roll_epoch, seed64
+from .order import EpochPlan, RankPlan, Selection, epoch_order, resolve_rank_world, roll_epoch, seed64
 from .producers import (SUPERSEDED, Iteration, WorkerStream, epoch_batches, in_order, pinned, threaded_batches,
                         worker_batches)
 
@@ -99,13 +106,25 @@ def resolve_device(device: torch.device | str | None) -> torch.device | None:
     return device
 
 
+def _selection(subset: Any, weights: Any, num_samples: int | None, num_sequences: int) -> Selection | None:
+    """The loader's :class:`~kdlib.order.Selection` (None: every sequence once per epoch), checked now."""
+    if subset is not None and weights is not None:
+        raise ValueError("pass subset= or weights=, not both (a subset with weights: weights that are 0 outside "
+                         "the subset)")
+    if num_samples is not None and weights is None:
+        raise ValueError("num_samples= (draws per epoch) needs weights=; a subset's epoch is the subset")
+    if subset is not None:
+        return Selection.subset(subset, num_sequences)
+    if weights is not None:
+        return Selection.weighted(weights, num_sequences, num_samples)
+    return None
+
+
 def _open(cache: Any, open_kwargs: Mapping[str, Any] | None) -> Any:
     """A path/URL opened with ``open_kwargs``; an open cache as is (workers get it by pickling)."""
-    if isinstance(cache, (str, os.PathLike)):
-        from .data.open import open_cache
+    from .data.open import as_cache  # lazy: the HTTP client is imported only for a URL's sake
 
-        return open_cache(cache, **dict(open_kwargs or {}))
-    return cache
+    return as_cache(cache, open_kwargs)
 
 
 class CacheLoader:
@@ -142,6 +161,12 @@ class CacheLoader:
         ignore_index: label of positions without a next token.
         multiprocessing_context: e.g. ``"spawn"``/``"forkserver"`` for workers (default: the platform's).
         open_kwargs: keyword arguments for ``open_cache`` when ``cache`` is a path/URL.
+        subset: read only these sequences (distinct indices in [0, N)), each once per epoch, in the order the
+            full epoch would read them (``kdlib.order.Selection``); e.g. ``kdlib.selection.hardest(scores)``.
+        weights: per-sequence sampling weights [N] (>= 0, not all 0): each epoch draws ``num_samples``
+            sequences with replacement, sequence i with probability ``weights[i] / sum(weights)``, seeded by
+            (seed, epoch). Not together with ``subset``.
+        num_samples: draws per epoch with ``weights`` (default N).
     """
 
     def __init__(
@@ -164,6 +189,9 @@ class CacheLoader:
         ignore_index: int = DEFAULT_IGNORE_INDEX,
         multiprocessing_context: str | None = None,
         open_kwargs: Mapping[str, Any] | None = None,
+        subset: Sequence[int] | np.ndarray | None = None,
+        weights: Sequence[float] | np.ndarray | None = None,
+        num_samples: int | None = None,
     ) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -179,6 +207,7 @@ class CacheLoader:
         self.device = resolve_device(device)  # likewise: an unavailable device fails here, not at batch one
         self.rank, self.world_size = resolve_rank_world(rank, world_size)
         self.cache = _open(cache, open_kwargs)
+        self.selection = _selection(subset, weights, num_samples, self.cache.num_sequences)
         self.batch_size = batch_size
         self.shuffle = bool(shuffle)
         self.seed = int(seed)
@@ -200,7 +229,8 @@ class CacheLoader:
         self._active: Iteration | None = None
         if self._rank_plan().num_batches == 0:
             raise ValueError(
-                f"the cache has {self.num_sequences} sequences, fewer than one global batch of "
+                f"the {'cache' if self.selection is None else 'selection'} has {self.epoch_length} sequences per epoch, "
+                "fewer than one global batch of "
                 f"{self.world_size} ranks x {batch_size}, so drop_last=True leaves nothing to train on; use a "
                 "smaller batch_size or drop_last=False")
 
@@ -209,6 +239,11 @@ class CacheLoader:
     @property
     def num_sequences(self) -> int:
         return self.cache.num_sequences
+
+    @property
+    def epoch_length(self) -> int:
+        """Sequences one epoch reads, all ranks together (N; a subset's size; ``num_samples`` with weights)."""
+        return self.num_sequences if self.selection is None else self.selection.epoch_length
 
     def cache_identity(self) -> dict[str, Any]:
         """What the saved position means: the cache's sequences (dataset fingerprint) and their sharding.
@@ -226,8 +261,12 @@ class CacheLoader:
         }
 
     def state_dict(self) -> dict[str, Any]:
-        """Position in the global order; identical on every rank, independent of workers/world size."""
-        return {
+        """Position in the global order; identical on every rank, independent of workers/world size.
+
+        With a subset or weights it also holds ``"selection"`` (kind, epoch length, a digest of the indices or
+        weights): the cursor indexes that selection's order.
+        """
+        state = {
             "version": STATE_VERSION,
             "seed": self.seed,
             "epoch": self.epoch,
@@ -237,6 +276,9 @@ class CacheLoader:
             "num_sequences": self.num_sequences,
             "cache": self.cache_identity(),
         }
+        if self.selection is not None:
+            state["selection"] = self.selection.identity()
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue at a saved position. The state's seed/shuffle settings win: they define the order.
@@ -253,9 +295,10 @@ class CacheLoader:
                 f"the loader state is for a cache of {state['num_sequences']} sequences but this cache has "
                 f"{self.num_sequences}: resume with the same cache (or start a fresh loader)")
         self._check_saved_identity(state.get("cache"))
+        self._check_saved_selection(state.get("selection"))
         cursor = int(state["cursor"])
-        if not 0 <= cursor <= self.num_sequences:
-            raise ValueError(f"loader state cursor {cursor} outside [0, {self.num_sequences}]")
+        if not 0 <= cursor <= self.epoch_length:
+            raise ValueError(f"loader state cursor {cursor} outside [0, {self.epoch_length}]")
         seed64(state["seed"])
         self.seed = int(state["seed"])
         self.shuffle = bool(state["shuffle"])
@@ -277,6 +320,17 @@ class CacheLoader:
                 "indexes that cache's order (its sequences and sharding), so it would repeat or skip samples "
                 "here: resume with the cache the state was saved on, or start a fresh loader")
 
+    def _check_saved_selection(self, saved: Mapping[str, Any] | None) -> None:
+        mine = None if self.selection is None else self.selection.identity()
+        if (dict(saved) if saved is not None else None) != mine:
+            def describe(sel: Mapping[str, Any] | None) -> str:
+                return "all sequences" if sel is None else f"{sel['kind']} of {sel['epoch_length']} ({sel['digest']})"
+
+            raise ValueError(
+                f"the loader state was saved with another selection ({describe(saved)}) than this loader's "
+                f"({describe(mine)}): its cursor indexes that selection's order. Pass the same subset=/weights=/"
+                "num_samples= as the saved run, or start a fresh loader")
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning (like ``DistributedSampler.set_epoch``)."""
         if int(epoch) < 0:
@@ -285,11 +339,11 @@ class CacheLoader:
         self.cursor = 0
 
     def _rank_plan(self) -> RankPlan:
-        return RankPlan(self.num_sequences - self.cursor, self.batch_size, self.world_size, self.rank,
+        return RankPlan(self.epoch_length - self.cursor, self.batch_size, self.world_size, self.rank,
                         self.drop_last)
 
     def _roll_epoch_if_done(self) -> None:
-        self.epoch, self.cursor = roll_epoch(self.epoch, self.cursor, self.num_sequences, self.batch_size,
+        self.epoch, self.cursor = roll_epoch(self.epoch, self.cursor, self.epoch_length, self.batch_size,
                                              self.world_size, self.drop_last)
 
     def __len__(self) -> int:
@@ -302,7 +356,7 @@ class CacheLoader:
     def _epoch_plan(self) -> EpochPlan:
         lookahead_seqs = self.prefetch_windows * self.shuffle_window_shards * self.cache.shard_seqs
         return EpochPlan(self.num_sequences, self.cache.shard_seqs, self.shuffle, self.seed, self.epoch,
-                         self.shuffle_window_shards, self.cursor, self._rank_plan(), lookahead_seqs)
+                         self.shuffle_window_shards, self.cursor, self._rank_plan(), lookahead_seqs, self.selection)
 
     def close(self) -> None:
         """Stop the current iteration's producer (thread or workers) and wait for it; iterating again restarts."""

@@ -4,6 +4,7 @@ Shape notation::
 
     N  sequences in the cache      S  sequences per shard
     B  sequences per batch (per rank)   W  world size (ranks)
+    L  sequences one epoch reads: N, or a :class:`Selection`'s length (a subset's size, weighted draws)
 
 One definition, used by every rank and worker (no torch, no I/O: each function is a function of its arguments):
 
@@ -18,6 +19,8 @@ One definition, used by every rank and worker (no torch, no I/O: each function i
    identical for any number of workers.
 4. After batch j the cursor is ``cursor + consumed_after(j)``; an epoch whose rank plan has no batch left is
    over (:func:`roll_epoch`).
+5. A :class:`Selection` replaces the epoch's order by one of length L (a subset of the sequences, or weighted
+   draws with replacement), still a function of ``(seed, epoch)``; steps 2-4 are unchanged over it.
 
 Remainder of an epoch (``R = remaining % (W * B)`` samples after the last full global step):
 ``drop_last=True`` skips them for this epoch (the shuffle puts other samples there next epoch);
@@ -28,14 +31,17 @@ fills with one padding row (``kdlib.batch.padding_batch``).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from dataclasses import dataclass
-from typing import Mapping
+from functools import cached_property
+from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["epoch_order", "seed64", "RankPlan", "EpochPlan", "ShardLookahead", "roll_epoch", "resolve_rank_world"]
+__all__ = ["epoch_order", "seed64", "check_subset", "check_weights", "Selection", "RankPlan", "EpochPlan",
+           "ShardLookahead", "roll_epoch", "resolve_rank_world"]
 
 _U64 = (1 << 64) - 1
 
@@ -78,17 +84,166 @@ def epoch_order(
     if int(epoch) < 0:
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     rng = np.random.default_rng([seed_u64 & 0xFFFFFFFF, seed_u64 >> 32, int(epoch)])
+    return _windowed_order(rng, num_sequences, shard_seqs, shuffle_window_shards, None)
+
+
+def _windowed_order(rng: np.random.Generator, num_sequences: int, shard_seqs: int, window: int,
+                    counts: np.ndarray | None) -> np.ndarray:
+    """Shards permuted, runs of ``window`` shards mixed: [sum(counts)] int64 (each i ``counts[i]`` times).
+
+    ``counts`` None means once each (the plain epoch order); the rng's calls are the same either way.
+    """
     num_shards = -(-num_sequences // shard_seqs)
     shard_perm = rng.permutation(num_shards)
-    order = np.empty(num_sequences, dtype=np.int64)
+    order = np.empty(num_sequences if counts is None else int(counts.sum()), dtype=np.int64)
     filled = 0
-    for w in range(0, num_shards, shuffle_window_shards):
-        window = [np.arange(s * shard_seqs, min((s + 1) * shard_seqs, num_sequences)) for s in
-                  shard_perm[w: w + shuffle_window_shards]]
-        members = np.concatenate(window)
+    for w in range(0, num_shards, window):
+        parts = [np.arange(s * shard_seqs, min((s + 1) * shard_seqs, num_sequences)) for s in
+                 shard_perm[w: w + window]]
+        members = np.concatenate(parts)
+        if counts is not None:
+            members = np.repeat(members, counts[members])
         order[filled: filled + members.size] = rng.permutation(members)
         filled += members.size
     return order
+
+
+_WEIGHTED_DRAWS = 0x5E1EC7  # a separate random stream for weighted draws: not the plain epoch order's
+
+
+def check_subset(indices: Any, num_sequences: int) -> np.ndarray:
+    """``indices`` as a sorted [L] int64 array of distinct sequence numbers in [0, N), or a ValueError saying why.
+
+    Raises:
+        ValueError: not a 1-D array of integers, empty, an index outside [0, N), or an index given twice.
+    """
+    arr = np.asarray(indices)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"subset must be a non-empty 1-D sequence of sequence indices, got shape {arr.shape}")
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind == "b":
+            raise ValueError("subset must hold sequence indices, got booleans: pass np.flatnonzero(mask)")
+        raise ValueError(f"subset must hold integer sequence indices, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = arr[(arr < 0) | (arr >= num_sequences)]
+    if bad.size:
+        raise ValueError(f"subset has {bad.size} index(es) outside [0, {num_sequences}) (the cache's sequences), "
+                         f"e.g. {bad[:5].tolist()}")
+    arr = np.sort(arr)
+    repeated = np.unique(arr[1:][arr[1:] == arr[:-1]])
+    if repeated.size:
+        raise ValueError(f"subset has {repeated.size} index(es) given more than once, e.g. {repeated[:5].tolist()}: "
+                         "a subset takes each sequence once per epoch; to repeat sequences pass per-sequence "
+                         "weights= instead (e.g. bagging counts)")
+    return arr
+
+
+def check_weights(weights: Any, num_sequences: int) -> np.ndarray:
+    """``weights`` as a [N] float64 array of finite, non-negative values, not all zero, or a ValueError.
+
+    Raises:
+        ValueError: not one weight per sequence, a NaN/inf, a negative weight, or every weight zero.
+    """
+    arr = np.asarray(weights)
+    if arr.dtype.kind not in "iuf":
+        raise ValueError(f"weights must be numbers (one per sequence), got dtype {arr.dtype}")
+    arr = arr.astype(np.float64)
+    if arr.shape != (num_sequences,):
+        raise ValueError(f"weights must have one entry per cache sequence, shape ({num_sequences},), got {arr.shape}")
+    if not np.isfinite(arr).all():
+        bad = np.flatnonzero(~np.isfinite(arr))
+        raise ValueError(f"weights has {bad.size} NaN/inf value(s), e.g. at sequences {bad[:5].tolist()}")
+    if (arr < 0).any():
+        bad = np.flatnonzero(arr < 0)
+        raise ValueError(f"weights has {bad.size} negative value(s), e.g. at sequences {bad[:5].tolist()}; a "
+                         "sampling weight is >= 0 (0 = never drawn)")
+    if not (arr > 0).any():
+        raise ValueError("every weight is 0, so no sequence can be drawn: give some sequence a positive weight")
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """Which sequences an epoch reads: a fixed subset (each once), or weighted draws with replacement.
+
+    Picklable and pure: the epoch's order is a function of ``(seed, epoch)`` and this object only, like the full
+    order. Make one with :meth:`subset` or :meth:`weighted`.
+
+    * subset: the epoch order is the full :func:`epoch_order` restricted to the subset (same shard windows,
+      the subset's members in the order the full epoch would read them); ``shuffle=False`` reads them ascending.
+    * weighted: each epoch draws ``num_samples`` sequences with replacement, sequence i with probability
+      ``weights[i] / sum(weights)`` (its own random stream of ``(seed, epoch)``), then shuffles the draws with
+      the same shard windows as :func:`epoch_order` (repeats of a sequence spread over its window).
+    """
+
+    kind: str
+    values: np.ndarray  # subset: sorted distinct [L] int64; weighted: [N] float64
+    num_sequences: int
+    num_samples: int
+
+    @classmethod
+    def subset(cls, indices: Any, num_sequences: int) -> "Selection":
+        arr = check_subset(indices, num_sequences)
+        return cls("subset", arr, int(num_sequences), int(arr.size))
+
+    @classmethod
+    def weighted(cls, weights: Any, num_sequences: int, num_samples: int | None = None) -> "Selection":
+        arr = check_weights(weights, num_sequences)
+        draws = num_sequences if num_samples is None else num_samples
+        if not isinstance(draws, (int, np.integer)) or isinstance(draws, bool) or draws < 1:
+            raise ValueError(f"num_samples (draws per epoch) must be a positive integer, got {num_samples!r}")
+        return cls("weighted", arr, int(num_sequences), int(draws))
+
+    @property
+    def epoch_length(self) -> int:
+        """Sequences one epoch reads (all ranks together), before a dropped remainder."""
+        return self.num_samples
+
+    @cached_property
+    def _digest(self) -> str:  # once per selection: a checkpoint's state_dict() need not hash N weights again
+        return hashlib.blake2b(np.ascontiguousarray(self.values).tobytes(), digest_size=16).hexdigest()
+
+    def identity(self) -> dict[str, Any]:
+        """What a saved cursor into this selection's order means (kept in the loader's state)."""
+        return {"kind": self.kind, "epoch_length": self.epoch_length, "digest": self._digest}
+
+    def _rng(self, seed: int, epoch: int) -> np.random.Generator:
+        seed_u64 = seed64(seed)
+        return np.random.default_rng([seed_u64 & 0xFFFFFFFF, seed_u64 >> 32, int(epoch), _WEIGHTED_DRAWS])
+
+    def epoch_counts(self, seed: int, epoch: int) -> np.ndarray:
+        """Times each sequence is read in the epoch, [N] int64 (a subset: 0 or 1)."""
+        if self.kind == "subset":
+            counts = np.zeros(self.num_sequences, dtype=np.int64)
+            counts[self.values] = 1
+            return counts
+        return self._draw(self._rng(seed, epoch))
+
+    def _draw(self, rng: np.random.Generator) -> np.ndarray:
+        cdf = np.cumsum(self.values)
+        picks = np.searchsorted(cdf, rng.random(self.num_samples) * cdf[-1], side="right")
+        # u * total may round up to total: such a pick is the last sequence with a positive weight.
+        picks = np.minimum(picks, int(np.flatnonzero(self.values > 0)[-1]))
+        return np.bincount(picks, minlength=self.num_sequences).astype(np.int64)
+
+    def epoch_order(self, shard_seqs: int, *, shuffle: bool, seed: int, epoch: int,
+                    shuffle_window_shards: int = 4) -> np.ndarray:
+        """The epoch's order [epoch_length] int64 of sequence indices (see the class docstring)."""
+        if self.kind == "subset":
+            full = epoch_order(self.num_sequences, shard_seqs, shuffle=shuffle, seed=seed, epoch=epoch,
+                               shuffle_window_shards=shuffle_window_shards)
+            member = np.zeros(self.num_sequences, dtype=bool)
+            member[self.values] = True
+            return full[member[full]]
+        if shuffle_window_shards < 1:
+            raise ValueError(f"shuffle_window_shards must be >= 1, got {shuffle_window_shards}")
+        if int(epoch) < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        rng = self._rng(seed, epoch)
+        counts = self._draw(rng)
+        if not shuffle:
+            return np.repeat(np.arange(self.num_sequences, dtype=np.int64), counts)
+        return _windowed_order(rng, self.num_sequences, shard_seqs, shuffle_window_shards, counts)
 
 
 @dataclass(frozen=True)
@@ -172,11 +327,16 @@ class EpochPlan:
     cursor: int
     plan: RankPlan
     lookahead_seqs: int = 0
+    selection: Selection | None = None  # None: every sequence once (the plain epoch order)
 
     def remaining_order(self) -> np.ndarray:
-        """``order[cursor:]`` [N - cursor] int64: what the rank plan's offsets index."""
-        full = epoch_order(self.num_sequences, self.shard_seqs, shuffle=self.shuffle, seed=self.seed,
-                           epoch=self.epoch, shuffle_window_shards=self.window)
+        """``order[cursor:]`` [L - cursor] int64: what the rank plan's offsets index (L = the epoch's length)."""
+        if self.selection is not None:
+            full = self.selection.epoch_order(self.shard_seqs, shuffle=self.shuffle, seed=self.seed,
+                                              epoch=self.epoch, shuffle_window_shards=self.window)
+        else:
+            full = epoch_order(self.num_sequences, self.shard_seqs, shuffle=self.shuffle, seed=self.seed,
+                               epoch=self.epoch, shuffle_window_shards=self.window)
         return full[self.cursor:]
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from cache_server import format as fmt
 from cache_server.build.writer import CacheWriter
+from cache_server.format import slots
 
 __all__ = ["synthetic_arrays", "make_synthetic_cache"]
 
@@ -64,7 +65,7 @@ def make_synthetic_cache(
     seed: int = 0,
     codec: str = fmt.DEFAULT_CODEC,
 ) -> tuple[Path, dict[str, np.ndarray]]:
-    """Write a complete cache and return (directory, the arrays written)."""
+    """Write a complete cache and return (directory, the arrays as readers decode them)."""
     layout = fmt.CacheLayout(
         num_sequences=num_sequences, seq_len=seq_len, topk=topk, vocab_size=vocab_size,
         temperatures=tuple(temperatures), shard_seqs=shard_seqs, chunk_seqs=chunk_seqs, codec=codec,
@@ -76,4 +77,5 @@ def make_synthetic_cache(
         a, b = layout.shard_range(i)
         writer.write_shard(i, {k: v[a:b] for k, v in arrays.items()})
     writer.finalize()
-    return Path(out_dir), arrays
+    # What readers decode: format v2 restores the canonical slot order (fp16 ties by ascending id).
+    return Path(out_dir), slots.canonicalize(layout, arrays)

@@ -70,6 +70,20 @@ def test_vocab_mismatch(batch):
         kdlib.check_alignment(no_vocab["input_ids"], no_vocab, student_vocab_size=64, teacher_vocab_size=40)
 
 
+def test_sample_ids_are_checked_against_the_student_vocab_without_a_teacher_size():
+    """A sampled batch without teacher_vocab_size: drawn ids (count > 0) must index the student's vocabulary;
+    padding slots (count 0, id 0) are not looked at."""
+    ids = torch.tensor([[[5, 0], [7, 0]]], dtype=torch.int32)  # [1, 2, 2]
+    counts = torch.tensor([[[3, 0], [2, 1]]], dtype=torch.uint8)
+    batch = {"input_ids": torch.zeros(1, 2, dtype=torch.int32), "sample_ids": ids, "sample_counts": counts}
+    kdlib.check_alignment(None, batch, student_vocab_size=8)
+    with pytest.raises(kdlib.AlignmentError, match="sample id 7, outside the student's vocabulary of 7"):
+        kdlib.check_alignment(None, batch, student_vocab_size=7)
+    batch["sample_ids"] = torch.tensor([[[5, 9], [6, 0]]], dtype=torch.int32)  # 9 sits in a count-0 slot
+    batch["sample_counts"] = torch.tensor([[[3, 0], [2, 0]]], dtype=torch.uint8)
+    kdlib.check_alignment(None, batch, student_vocab_size=7)
+
+
 def test_shift_labels_follows_the_convention():
     ids = torch.tensor([[5, 6, 7], [1, 2, 3]], dtype=torch.int32)
     assert shift_labels(ids, -1).tolist() == [[6, 7, -1], [2, 3, -1]]

@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from cache_server import format as fmt
+from cache_server.format import slots
 from cache_server.build.writer import BuildStateError, CacheWriter
 from tests.cachefactory import make_synthetic_cache, synthetic_arrays
 
@@ -60,13 +61,16 @@ def test_zarr_reads_what_we_write_and_our_decoder_agrees(tmp_path):
     manifest = fmt.load_manifest(out)
     layout = fmt.layout_from_manifest(manifest)
     group = zarr.open_group(str(out), mode="r")
+    # Zarr reads the stored form (format v2: slots by ascending id); our decoder restores the canonical order.
+    stored, canonical = slots.stored_form(layout, arrays), slots.canonicalize(layout, arrays)
     for spec in layout.arrays():
-        np.testing.assert_array_equal(group[spec.name][:], arrays[spec.name])
+        np.testing.assert_array_equal(group[spec.name][:], stored[spec.name])
         for i in range(layout.num_shards):
             a, b = layout.shard_range(i)
-            path = out / fmt.shard_relpath(spec.name, i, 1 + len(spec.trailing_shape))
-            decoded = fmt.decode_shard(path.read_bytes(), spec, layout, i)
-            np.testing.assert_array_equal(decoded, arrays[spec.name][a:b])
+            raws = {name: (out / fmt.shard_relpath(name, i, 1 + len(spec.trailing_shape))).read_bytes()
+                    for name in fmt.decode_inputs(layout, spec.name)}
+            decoded = fmt.decode_shard(raws[spec.name], spec, layout, i, companions=raws)
+            np.testing.assert_array_equal(decoded, canonical[spec.name][a:b])
 
 
 @pytest.mark.parametrize("codec", sorted(fmt.CODEC_PRESETS))
@@ -85,7 +89,7 @@ def test_unknown_version_is_refused(tmp_path):
     manifest = json.loads((out / fmt.MANIFEST_NAME).read_text())
     manifest["format_version"] = 99
     (out / fmt.MANIFEST_NAME).write_bytes(fmt.manifest_bytes(manifest))
-    with pytest.raises(fmt.CacheError, match="format_version 99.*reads only version 1"):
+    with pytest.raises(fmt.CacheError, match="format_version 99.*reads only versions 1 and 2"):
         fmt.load_manifest(out)
 
 
@@ -214,8 +218,9 @@ def test_resume_rewrites_a_damaged_unjournaled_short_last_shard(tmp_path):
     resumed.write_shard(2, {k: v[a:b] for k, v in arrays.items()})
     resumed.finalize()
     group = zarr.open_group(str(tmp_path / "c"), mode="r")
+    stored = slots.stored_form(layout, arrays)
     for spec in layout.arrays():
-        np.testing.assert_array_equal(group[spec.name][:], arrays[spec.name])
+        np.testing.assert_array_equal(group[spec.name][:], stored[spec.name])
     assert not list((tmp_path / "c").rglob("*.partial"))
 
 
@@ -255,12 +260,12 @@ def tiny_manifest_raw(tmp_path_factory) -> bytes:
     "mutate,match",
     [
         (_set("format", "zarr"), "not a kdcache manifest"),
-        (_set("format_version", True), "format_version True.*reads only version 1"),
+        (_set("format_version", True), "format_version True.*reads only versions 1 and 2"),
         (_set("format_version", "1"), "format_version '1'"),
         (_set("seq_len", _DELETE), "lacks the required field 'seq_len'"),
         (_set("num_shards", _DELETE), "lacks the required field 'num_shards'"),
         (_set("shards", _DELETE), "lacks the required field 'shards'"),
-        (_set("topk", 2.0), "'topk' must be a positive integer, got 2.0"),
+        (_set("topk", 2.0), "'topk' must be a non-negative integer, got 2.0"),
         (_set("num_sequences", 0), "'num_sequences' must be a positive integer"),
         (_set("chunk_seqs", False), "'chunk_seqs' must be a positive integer, got False"),
         (_set("codec", "lzma"), "codec 'lzma' is not one of"),
@@ -275,7 +280,7 @@ def tiny_manifest_raw(tmp_path_factory) -> bytes:
         (_set("arrays", []), "'arrays' must be an object"),
         (_set(("arrays", "../../etc"), {"shape": [5], "dtype": "uint8"}), "array named '../../etc'"),
         (_set("arrays.lse_t2", _DELETE), "its arrays .* are not the ones its layout implies"),
-        (_set("arrays.topk_logprobs", _DELETE), "lacks 'topk_logprobs'"),
+        (_set("arrays.topk_logprobs", _DELETE), "has neither 'topk_logprobs' nor 'sample_ids'"),
         (_set("arrays.lse.shape", [5, 4]), "array 'lse' is recorded as .* but the layout implies"),
         (_set("arrays.topk_ids.dtype", "uint32"), "array 'topk_ids' is recorded as"),
         (_set("arrays.topk_ids.shape", "5,3,2"), "array 'topk_ids' must be"),

@@ -417,3 +417,108 @@ def test_second_iteration_shuts_down_the_first_ones_workers(cache_and_arrays):
     with pytest.raises(RuntimeError, match="started another one"):
         next(first)
     assert len(rest) == (N // 4 - 1) * 4
+
+
+# ----------------------------------------------------------------------------------------------- subsets, weights
+
+SUBSET = [36, 0, 5, 6, 7, 12, 13, 20, 21, 22, 23, 29, 30, 31, 33]  # 15 of the 37 sequences, over every shard
+
+
+def _selection_kwargs(kind):
+    if kind == "subset":
+        return {"subset": SUBSET}
+    return {"weights": np.where(np.arange(N) % 4 == 0, 0.0, 1.0 + np.arange(N) % 3), "num_samples": 29}
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["subset", "weighted"])
+def test_selection_loaders_partition_the_epoch_exactly_once(cache_and_arrays, world_size, num_workers, kind):
+    cache, _ = cache_and_arrays
+    counts: list[int] = []
+    kw = _selection_kwargs(kind)
+    per_rank = _run_ranks(cache, world_size, num_workers, counts, seed=5, drop_last=False, **kw)
+    seen = Counter(i for rank in per_rank for i in rank if i >= 0)
+    loader = kdlib.make_loader(cache, 4, seed=5, **kw)
+    want = Counter(loader.selection.epoch_order(S, shuffle=True, seed=5, epoch=0).tolist())
+    assert seen == want and sum(want.values()) == loader.epoch_length
+    if kind == "subset":
+        assert sorted(seen) == sorted(SUBSET) and set(seen.values()) == {1}
+    else:
+        assert all(i % 4 != 0 for i in seen)  # weight 0: never drawn
+    assert counts == [-(-loader.epoch_length // (4 * world_size))] * world_size  # equal steps on every rank
+    assert per_rank == _run_ranks(cache, world_size, 0, seed=5, drop_last=False, prefetch=0, **kw)
+
+
+@pytest.mark.parametrize("kind", ["subset", "weighted"])
+@pytest.mark.parametrize("stop_after", [1, 2])
+def test_selection_loaders_resume_mid_epoch_exactly(cache_and_arrays, kind, stop_after):
+    cache, _ = cache_and_arrays
+    kw = _selection_kwargs(kind)
+    whole = kdlib.make_loader(cache, 3, seed=8, drop_last=False, **kw)
+    reference = [b["sample_indices"].tolist() for b in whole]  # one uninterrupted epoch
+    reference += [b["sample_indices"].tolist() for b in whole]  # and the next
+    loader = kdlib.make_loader(cache, 3, seed=8, drop_last=False, num_workers=1, **kw)
+    it = iter(loader)
+    first = [next(it)["sample_indices"].tolist() for _ in range(stop_after)]
+    it.close()
+    state = json.loads(json.dumps(loader.state_dict()))  # what a checkpoint holds
+    assert state["selection"] == loader.selection.identity() and state["cursor"] == 3 * stop_after
+    resumed = kdlib.make_loader(cache, 3, drop_last=False, **kw)  # a fresh process would build this one
+    resumed.load_state_dict(state)
+    rest = [b["sample_indices"].tolist() for b in resumed]
+    assert first + rest == reference[:len(first) + len(rest)] and len(first + rest) == len(reference) // 2
+    assert resumed.epoch == 1 and [b["sample_indices"].tolist() for b in resumed] == reference[len(reference) // 2:]
+
+
+def test_selection_state_is_refused_by_another_selection(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    sub = kdlib.make_loader(cache, 4, subset=SUBSET)
+    next(iter(sub))
+    state = sub.state_dict()
+    with pytest.raises(ValueError, match=r"another selection \(subset of 15 .*\(all sequences\)"):
+        kdlib.make_loader(cache, 4).load_state_dict(state)
+    with pytest.raises(ValueError, match="another selection"):
+        kdlib.make_loader(cache, 4, subset=SUBSET[:-1]).load_state_dict(state)
+    full_state = kdlib.make_loader(cache, 4).state_dict()
+    assert "selection" not in full_state  # a full loader's state is what it was
+    with pytest.raises(ValueError, match=r"another selection \(all sequences\)"):
+        kdlib.make_loader(cache, 4, **_selection_kwargs("weighted")).load_state_dict(full_state)
+
+
+def test_weighted_loader_is_seed_deterministic(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    kw = _selection_kwargs("weighted")
+    a = _indices(kdlib.make_loader(cache, 4, seed=3, **kw))
+    assert a == _indices(kdlib.make_loader(cache, 4, seed=3, num_workers=2, **kw))
+    assert a != _indices(kdlib.make_loader(cache, 4, seed=4, **kw))
+    assert len(a) == 28  # 29 draws, drop_last: 7 batches of 4
+    counts = Counter(kdlib.make_loader(cache, 4, seed=3, **kw).selection.epoch_order(S, shuffle=True, seed=3,
+                                                                                     epoch=0)[:28].tolist())
+    assert Counter(a) == counts
+
+
+def test_bad_selection_arguments_raise(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    with pytest.raises(ValueError, match="not both"):
+        kdlib.make_loader(cache, 4, subset=[1, 2], weights=np.ones(N))
+    with pytest.raises(ValueError, match="num_samples= .* needs weights="):
+        kdlib.make_loader(cache, 4, subset=[1, 2], num_samples=5)
+    with pytest.raises(ValueError, match=r"outside \[0, 37\)"):
+        kdlib.make_loader(cache, 4, subset=[1, 37])
+    with pytest.raises(ValueError, match="more than once"):
+        kdlib.make_loader(cache, 4, subset=[1, 2, 1, 3, 4])
+    with pytest.raises(ValueError, match="negative"):
+        kdlib.make_loader(cache, 4, weights=-np.ones(N))
+    with pytest.raises(ValueError, match="every weight is 0"):
+        kdlib.make_loader(cache, 4, weights=np.zeros(N))
+    with pytest.raises(ValueError, match=r"selection has 3 sequences per epoch, fewer than one global batch"):
+        kdlib.make_loader(cache, 4, subset=[1, 2, 3])
+    assert len(kdlib.make_loader(cache, 4, subset=[1, 2, 3], drop_last=False)) == 1
+
+
+def test_spawned_workers_get_the_selection(cache_and_arrays):
+    cache, _ = cache_and_arrays
+    loader = kdlib.make_loader(cache, 4, num_workers=1, multiprocessing_context="spawn", drop_last=False,
+                               subset=SUBSET, seed=2)
+    assert _indices(loader) == _indices(kdlib.make_loader(cache, 4, drop_last=False, subset=SUBSET, seed=2))

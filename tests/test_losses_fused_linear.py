@@ -179,3 +179,28 @@ def test_from_hidden_without_grad_is_forward_only(mode):
     # no [C, V] gradient per chunk either: only the chunk logits and the pass's own temporaries remain
     assert eval_only.count(CHUNK * VOCAB) < with_grad.count(CHUNK * VOCAB)
     torch.testing.assert_close(value, expected.detach(), rtol=0, atol=0)
+
+
+# --- sample and hybrid targets: chunked like top-k, against kd_loss on the materialized logits -------------------
+@pytest.mark.parametrize("kind", ["sample", "hybrid"])
+@pytest.mark.parametrize("tau,ts", [(1.0, 1.0), (2.0, 1.0), (2.0, 2.0), (1.0, 0.7)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_from_hidden_sampled_and_hybrid_match_materialized(kind, tau, ts, dtype, tol):
+    from tests.test_losses_targets import make_hybrid
+
+    c = make(13, 8, 97, 1, dtype=dtype, seed=4)
+    _, head_ids, head_lp, kw, _ = make_hybrid(13, 97, head=5, n_draws=30, tau=tau, ts=ts, seed=4, n_slots=20)
+    args = (head_ids, head_lp) if kind == "hybrid" else ()
+    params = [c["hidden"], c["weight"], c["bias"]]
+    logits = c["hidden"] @ c["weight"].t() + c["bias"]
+    ref = kdlib.kd_loss(logits, *args, ce_weight=0.5, backend="torch", **kw)
+    ref_grads = torch.autograd.grad(ref * 1.7, params)
+    out = kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], *args, lm_head_bias=c["bias"], ce_weight=0.5,
+                                    chunk_size=4, backend="torch", **kw)
+    out_grads = torch.autograd.grad(out * 1.7, params)
+    for a, b in zip((ref, *ref_grads), (out, *out_grads)):
+        torch.testing.assert_close(b, a, rtol=tol, atol=tol)
+    with torch.no_grad():  # eval: the loss only, the same value
+        torch.testing.assert_close(kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], *args, lm_head_bias=c["bias"],
+                                                             ce_weight=0.5, chunk_size=4, **kw), ref.detach(),
+                                   rtol=tol, atol=tol)

@@ -197,8 +197,8 @@ def _error_cases():
         ("missing lse at ts", dict(kw, sample_temperature=3.0, teacher_lse_sample_temperature=None), ids, counts,
          "teacher_lse_sample_temperature is required"),
         ("lse shape", dict(kw, teacher_lse=kw["teacher_lse"][:2]), ids, counts, "teacher_lse must have shape"),
-        ("label range", dict(kw, labels=torch.tensor([0, 9, 1, 2])), ids, counts, "labels must lie"),
-        ("temperature", dict(kw, temperature=0.0), ids, counts, "temperature must be > 0"),
+        ("label range", dict(kw, labels=torch.tensor([0, 9, 1, 2])), ids, counts, "labels contain values outside [0, V=8)"),
+        ("temperature", dict(kw, temperature=0.0), ids, counts, "temperature must be a finite number > 0"),
         ("reduction", dict(kw, reduction="max"), ids, counts, "unknown reduction"),
     ]
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdlib.order import (EpochPlan, RankPlan, ShardLookahead, epoch_order, resolve_rank_world, roll_epoch,
-                         seed64)
+from kdlib.order import (EpochPlan, RankPlan, Selection, ShardLookahead, check_subset, check_weights, epoch_order,
+                         resolve_rank_world, roll_epoch, seed64)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,3 +186,128 @@ def test_resolve_rank_world_from_arguments_and_environment():
         resolve_rank_world(None, None, environ={"RANK": "3", "WORLD_SIZE": "3"})
     with pytest.raises(ValueError, match="rank < world_size"):
         resolve_rank_world(0, 0, environ={})
+
+
+# ----------------------------------------------------------------------------------------------- selections
+
+
+def test_subset_order_is_the_full_order_restricted_to_the_subset():
+    n, shard_seqs = 103, 8
+    subset = np.array([90, 3, 17, 18, 55, 0, 102, 64, 33, 34, 35, 71])
+    sel = Selection.subset(subset, n)
+    assert sel.epoch_length == 12 and sel.values.tolist() == sorted(subset.tolist())
+    for epoch in (0, 1):
+        full = epoch_order(n, shard_seqs, shuffle=True, seed=9, epoch=epoch, shuffle_window_shards=2)
+        got = sel.epoch_order(shard_seqs, shuffle=True, seed=9, epoch=epoch, shuffle_window_shards=2)
+        assert got.tolist() == [i for i in full.tolist() if i in set(subset.tolist())]
+    assert not np.array_equal(sel.epoch_order(8, shuffle=True, seed=9, epoch=0),
+                              sel.epoch_order(8, shuffle=True, seed=9, epoch=1))
+    assert sel.epoch_order(8, shuffle=False, seed=9, epoch=0).tolist() == sorted(subset.tolist())
+    assert sel.epoch_counts(9, 0).sum() == 12 and sel.epoch_counts(9, 0)[subset].tolist() == [1] * 12
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("kind", ["subset", "weighted"])
+def test_selection_partition_covers_the_epoch_exactly_once(world_size, num_workers, kind):
+    n = 61
+    sel = (Selection.subset(np.arange(3, 61, 2), n) if kind == "subset"
+           else Selection.weighted(np.linspace(0.0, 2.0, n), n, num_samples=45))
+    order = sel.epoch_order(8, shuffle=True, seed=2, epoch=1)
+    assert order.size == sel.epoch_length
+    per_rank = [_rank_rows(RankPlan(order.size, 4, world_size, r, False), order, num_workers)
+                for r in range(world_size)]
+    seen = [i for rows in per_rank for batch in rows for i in batch if i >= 0]
+    assert Counter(seen) == Counter(order.tolist())  # the epoch's multiset, each entry taken once
+    want = Counter(np.arange(3, 61, 2).tolist()) if kind == "subset" else Counter(
+        np.repeat(np.arange(n), sel.epoch_counts(2, 1)).tolist())
+    assert Counter(seen) == want
+    assert len({len(rows) for rows in per_rank}) == 1  # equal step counts on every rank
+
+
+def test_weighted_order_is_seeded_shard_windowed_and_never_draws_zero_weights():
+    n, shard_seqs, window = 200, 10, 2
+    weights = np.where(np.arange(n) % 3 == 0, 0.0, 1.0 + np.arange(n) % 5)
+    sel = Selection.weighted(weights, n, num_samples=150)
+    a = sel.epoch_order(shard_seqs, shuffle=True, seed=4, epoch=0, shuffle_window_shards=window)
+    assert np.array_equal(a, Selection.weighted(weights, n, 150).epoch_order(
+        shard_seqs, shuffle=True, seed=4, epoch=0, shuffle_window_shards=window))  # a function of its arguments
+    assert not np.array_equal(a, sel.epoch_order(shard_seqs, shuffle=True, seed=4, epoch=1,
+                                                 shuffle_window_shards=window))
+    assert not np.array_equal(a, sel.epoch_order(shard_seqs, shuffle=True, seed=5, epoch=0,
+                                                 shuffle_window_shards=window))
+    assert a.size == 150 and (weights[a] > 0).all()
+    assert np.array_equal(np.bincount(a, minlength=n), sel.epoch_counts(4, 0))  # the order holds the draws
+    # Shard-aware like the full order: the draws come in runs of `window` shards, each shard in one run only
+    # (1000 draws: every shard has some, so greedy runs of `window` distinct shards are the windows).
+    many = Selection.weighted(weights, n, num_samples=1000).epoch_order(shard_seqs, shuffle=True, seed=4, epoch=0,
+                                                                        shuffle_window_shards=window)
+    runs: list[set[int]] = [set()]
+    for shard in (many // shard_seqs).tolist():
+        if shard not in runs[-1] and len(runs[-1]) == window:
+            runs.append(set())
+        runs[-1].add(shard)
+    assert len(runs) == n // shard_seqs // window and sum(len(r) for r in runs) == n // shard_seqs
+    unshuffled = sel.epoch_order(shard_seqs, shuffle=False, seed=4, epoch=0)
+    assert np.array_equal(unshuffled, np.sort(a))  # the same draws, ascending
+
+
+def test_weighted_draws_match_the_weights_statistically():
+    """Pooled over 200 epochs of 500 draws (10^5 draws), the counts of 20 sequences with weights 0..19 follow
+    the multinomial of p_i = w_i / sum(w): Pearson's chi-square over the 19 drawable sequences (df = 18) is
+    within 4 standard deviations of its mean (normal approximation, sd = sqrt(2 df)), and sequence 0
+    (weight 0) is never drawn. Seeds are fixed, so the test is deterministic."""
+    n = 20
+    weights = np.arange(n, dtype=np.float64)
+    sel = Selection.weighted(weights, n, num_samples=500)
+    counts = sum(sel.epoch_counts(seed=123, epoch=e) for e in range(200))
+    assert counts[0] == 0 and counts.sum() == 200 * 500
+    expected = counts.sum() * weights[1:] / weights.sum()
+    chi2 = float(((counts[1:] - expected) ** 2 / expected).sum())
+    df = n - 2
+    assert abs(chi2 - df) < 4 * np.sqrt(2 * df), chi2
+    # Each epoch's draws are independent of the others': epochs 0 and 1 differ.
+    assert not np.array_equal(sel.epoch_counts(123, 0), sel.epoch_counts(123, 1))
+
+
+def test_epoch_plan_remaining_order_of_a_selection_starts_at_the_cursor():
+    sel = Selection.subset(np.arange(0, 37, 3), 37)
+    plan = EpochPlan(37, 8, True, 3, 1, 2, cursor=5, plan=RankPlan(sel.epoch_length - 5, 4, 1, 0, False),
+                     selection=sel)
+    assert np.array_equal(plan.remaining_order(), sel.epoch_order(8, shuffle=True, seed=3, epoch=1,
+                                                                  shuffle_window_shards=2)[5:])
+
+
+def test_selection_identity_names_kind_length_and_content():
+    a = Selection.subset([1, 2, 3], 10).identity()
+    assert a["kind"] == "subset" and a["epoch_length"] == 3
+    assert a == Selection.subset([3, 2, 1], 10).identity()  # the same set
+    assert a != Selection.subset([1, 2, 4], 10).identity()
+    w = Selection.weighted(np.ones(10), 10, 7).identity()
+    assert w["kind"] == "weighted" and w["epoch_length"] == 7 and w != Selection.weighted(np.ones(10), 10).identity()
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([], "non-empty 1-D"), ([[1, 2]], "non-empty 1-D"), ([0.5, 1.0], "integer sequence indices"),
+    ([True, False], "booleans"), ([3, 10, -1], r"2 index\(es\) outside \[0, 10\).*\[10, -1\]"),
+    ([4, 2, 4, 7, 2], r"2 index\(es\) given more than once.*\[2, 4\]"),
+])
+def test_bad_subsets_say_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_subset(bad, 10)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.ones(9), r"shape \(10,\)"), (np.array([1.0] * 9 + [np.nan]), r"NaN/inf.*\[9\]"),
+    (np.array([1.0] * 9 + [np.inf]), "NaN/inf"), (np.array([1.0, -0.5] + [1.0] * 8), r"negative.*\[1\]"),
+    (np.zeros(10), "every weight is 0"), (np.array(["a"] * 10), "must be numbers"),
+])
+def test_bad_weights_say_what_is_wrong(bad, match):
+    with pytest.raises(ValueError, match=match):
+        check_weights(bad, 10)
+
+
+@pytest.mark.parametrize("num_samples", [0, -3, 2.5, True])
+def test_bad_num_samples(num_samples):
+    with pytest.raises(ValueError, match="num_samples"):
+        Selection.weighted(np.ones(10), 10, num_samples)

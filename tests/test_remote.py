@@ -369,9 +369,10 @@ def test_connection_dropped_after_the_last_byte_uses_what_arrived(world, tmp_pat
         assert proxy.cuts == 1
         stats = cache.source.stats
         assert stats["retries"] == 1 and stats["corrupt_transfers"] == 0 and stats["resumed"] == 0
-        nbytes = manifest_shards["topk_ids"][0]["nbytes"]
-        requests = 1 if piece_bytes is None else -(-nbytes // piece_bytes)
-        assert stats["requests"] == 1 + requests  # the manifest + the shard's requests; none after the cut
+        # Format v2: decoding topk_ids also fetches the topk_logprobs shard that orders its slots (decode_inputs).
+        nbytes = [manifest_shards[name][0]["nbytes"] for name in ("topk_ids", "topk_logprobs")]
+        requests = len(nbytes) if piece_bytes is None else sum(-(-n // piece_bytes) for n in nbytes)
+        assert stats["requests"] == 1 + requests  # the manifest + the shards' requests; none after the cut
     proxy.listener.close()
 
 

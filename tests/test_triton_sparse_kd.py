@@ -227,3 +227,61 @@ def test_triton_row_stats_takes_the_floor_and_record_from_the_caller():
                           log_tail_floor=floor, stats_type=RowStats)
         assert isinstance(stats, RowStats)
         torch.testing.assert_close(stats.log_tail.cpu(), torch.full((3,), floor), rtol=0, atol=1e-5)
+
+
+# --- sample and hybrid targets: the same kernels (weighted ids as the support, duplicates written alike) ------
+def _weighted_case(kind, n, vocab, head, n_slots, n_draws, tau, ts, seed=0, ignore_frac=0.25):
+    from tests.test_losses_targets import make_hybrid
+
+    logits, head_ids, head_lp, kw, _ = make_hybrid(n, vocab, head=head, n_draws=n_draws, tau=tau, ts=ts,
+                                                   dtype=torch.float32, seed=seed, n_slots=n_slots,
+                                                   ignore_some=False)
+    g = torch.Generator().manual_seed(seed + 1)
+    kw["labels"][torch.rand(n, generator=g) < ignore_frac] = -100
+    kw = {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in kw.items()}
+    kw = {k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kw.items() if k != "temperature"}
+    args = (head_ids.to(DEVICE), head_lp.float().to(DEVICE)) if kind == "hybrid" else ()
+    return logits.to(DEVICE).requires_grad_(True), args, kw
+
+
+def _run_weighted(logits, args, kw, backend, grad_scale=1.0, **options):
+    loss = kdlib.kd_loss(logits, *args, backend=backend, **kw, **options)
+    (grad,) = torch.autograd.grad(loss * grad_scale, logits)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("kind", ["sample", "hybrid"])
+@pytest.mark.parametrize("tau,ts", [(1.0, 1.0), (2.0, 1.0), (2.0, 2.0)])
+def test_triton_sampled_and_hybrid_match_reference(kind, tau, ts):
+    # V = 4500 spans two BLOCK_V blocks; H = 8 + W = 64 slots span two BLOCK_K = 64 blocks; padding slots hold
+    # id 0, also a head id (the duplicate writes must agree); grad_output 1.7
+    logits, args, kw = _weighted_case(kind, 6, 4500, 8, 64, 200, tau, ts)
+    options = dict(temperature=tau, ce_weight=0.5)
+    assert_close(torch.float32, _run_weighted(logits, args, kw, "reference", 1.7, **options),
+                 _run_weighted(logits, args, kw, "triton", 1.7, **options))
+
+
+@pytest.mark.parametrize("kind", ["sample", "hybrid"])
+def test_triton_sampled_and_hybrid_odd_shapes_and_ignored_rows(kind):
+    # V = 37 (one ragged block), one slot and a one-id head
+    logits, args, kw = _weighted_case(kind, 3, 37, 1, 1, 1, 2.0, 1.0, seed=3)
+    assert_close(torch.float32, _run_weighted(logits, args, kw, "reference", temperature=2.0, ce_weight=1.0),
+                 _run_weighted(logits, args, kw, "triton", temperature=2.0, ce_weight=1.0))
+    kw["labels"][:] = -100
+    value, grad = _run_weighted(logits, args, kw, "triton", temperature=2.0, ce_weight=1.0)
+    assert value.item() == 0.0 and torch.isfinite(grad).all() and torch.count_nonzero(grad) == 0
+
+
+def test_triton_fused_linear_hybrid_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    n, hdim, vocab = 10, 8, 301
+    hidden = torch.randn(n, hdim, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, hdim, generator=g, requires_grad=True)
+    _, args, kw = _weighted_case("hybrid", n, vocab, 4, 12, 30, 2.0, 1.0, seed=5)
+    out = []
+    for backend in ("torch", "triton"):
+        loss = kdlib.kd_loss_from_hidden(hidden, weight, *args, ce_weight=0.5, temperature=2.0, backend=backend,
+                                         chunk_size=4, **kw)
+        out.append((loss.detach(), *torch.autograd.grad(loss, (hidden, weight))))
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)

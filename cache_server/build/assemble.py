@@ -17,18 +17,31 @@ from cache_server import format as fmt
 
 __all__ = ["shard_stats", "layout_dict", "manifest_from_entries", "STATS_ARRAYS"]
 
-# The arrays shard_stats reads (a repair decodes just these from shards it did not rewrite).
-STATS_ARRAYS = ("input_ids", "topk_logprobs", "seq_nll", "seq_entropy")
+# The arrays shard_stats reads (a repair decodes just these from shards it did not rewrite); a cache has
+# topk_logprobs, sample_counts or both (target kinds).
+STATS_ARRAYS = ("input_ids", "topk_logprobs", "sample_counts", "seq_nll", "seq_entropy")
+
+
+def _target_stats(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Top-k tail mass (topk / hybrid) and the draws kept in the sample slots (sample / hybrid), as sums."""
+    stats: dict[str, Any] = {}
+    if "topk_logprobs" in arrays:
+        logprobs = np.asarray(arrays["topk_logprobs"], dtype=np.float64)
+        stats["tail_mass_sum"] = float(np.clip(1.0 - np.exp(logprobs).sum(axis=-1), 0.0, 1.0).sum())
+    if "sample_counts" in arrays:
+        counts = np.asarray(arrays["sample_counts"])
+        stats["sample_draws_kept"] = int(counts.sum(dtype=np.int64))
+        stats["sample_unique_sum"] = int(np.count_nonzero(counts))
+    return stats
 
 
 def shard_stats(arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """Sums (not means) of one shard's statistics, so that shards combine exactly in the manifest."""
-    logprobs = np.asarray(arrays["topk_logprobs"], dtype=np.float64)
-    tail = np.clip(1.0 - np.exp(logprobs).sum(axis=-1), 0.0, 1.0)
+    input_ids = np.asarray(arrays["input_ids"])
     return {
-        "positions": int(tail.size),
+        "positions": int(input_ids.size),
         "sequences": int(np.asarray(arrays["seq_nll"]).shape[0]),
-        "tail_mass_sum": float(tail.sum()),
+        **_target_stats(arrays),
         "seq_entropy_sum": float(np.asarray(arrays["seq_entropy"], dtype=np.float64).sum()),
         "seq_nll_sum": float(np.asarray(arrays["seq_nll"], dtype=np.float64).sum()),
         "input_ids_sha256": hashlib.sha256(np.ascontiguousarray(arrays["input_ids"]).tobytes()).hexdigest(),
@@ -47,6 +60,35 @@ def layout_dict(layout: fmt.CacheLayout) -> dict[str, Any]:
         "shard_seqs": layout.shard_seqs,
         "chunk_seqs": layout.chunk_seqs,
         "codec": layout.codec,
+        **_targets_layout(layout),
+    }
+
+
+def _targets_layout(layout: fmt.CacheLayout) -> dict[str, Any]:
+    """The target-kind fields of ``layout_dict``: none for a top-k cache, whose manifest stays as it was."""
+    if not layout.has_samples:
+        return {}
+    return {"targets": layout.targets, "samples": layout.samples, "sample_slots": layout.sample_slots,
+            "sample_temperature": layout.sample_temperature, "sample_logprobs": layout.sample_logprobs}
+
+
+def _targets_fields(layout: fmt.CacheLayout, settings: Mapping[str, Any],
+                    entries: list[Mapping[str, Any]], positions: int) -> dict[str, Any]:
+    """The manifest's ``targets`` object and sampling stats (sample / hybrid caches only)."""
+    if not layout.has_samples:
+        return {}
+    from cache_server.build.sampling import layout_seed  # torch: only a sampled build gets here
+
+    drawn = layout.samples * positions
+    kept = sum(e["stats"]["sample_draws_kept"] for e in entries)
+    return {
+        "targets": {"kind": layout.targets, "samples": layout.samples, "slots": layout.sample_slots,
+                    "sample_temperature": layout.sample_temperature, "sample_seed": layout_seed(layout, settings)},
+        "sample_stats": {
+            "truncated_draws": drawn - kept,
+            "truncated_fraction": (drawn - kept) / drawn,
+            "mean_unique_per_position": sum(e["stats"]["sample_unique_sum"] for e in entries) / positions,
+        },
     }
 
 
@@ -64,7 +106,7 @@ def manifest_from_entries(
     stored_bytes = sum(f["nbytes"] for files in shards.values() for f in files)
     manifest: dict[str, Any] = {
         "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
+        **fmt.format_fields(layout),
         "tool_version": _tool_version(),
         "created_at": _created_at(),
         "alignment": fmt.ALIGNMENT_CONVENTION,
@@ -89,11 +131,16 @@ def manifest_from_entries(
             "tokens": positions,
             "stored_bytes": stored_bytes,
             "bytes_per_token": stored_bytes / positions,
-            "mean_tail_mass": sum(e["stats"]["tail_mass_sum"] for e in entries) / positions,
+            "mean_tail_mass": (sum(e["stats"]["tail_mass_sum"] for e in entries) / positions
+                               if layout.has_topk else None),
             "mean_entropy": sum(e["stats"]["seq_entropy_sum"] for e in entries) / sequences,
             "mean_nll": sum(e["stats"]["seq_nll_sum"] for e in entries) / sequences,
         },
     }
+    sampled = _targets_fields(layout, settings, entries, positions)
+    if sampled:
+        manifest["targets"] = sampled["targets"]
+        manifest["stats"].update(sampled["sample_stats"])
     manifest.update(manifest_fields)
     return manifest
 

@@ -23,15 +23,16 @@ from typing import Any, Callable, Iterator
 
 from cache_server import format as fmt
 from cache_server.build import space
-from cache_server.build.options import BuildOptions, check_options, check_seq_len, plan_layout
+from cache_server.build.mixture import MixtureInfo, check_positions, inspect_teachers, load_teachers
+from cache_server.build.options import BuildOptions, check_options, plan_layout
 from cache_server.build.pipeline import PipelineStats, run_pipeline
 from cache_server.build.repair import find_damaged_shards, repair_metadata
 from cache_server.build.sources import TokenData, TokenizerInfo, load_tokenizer, open_token_data
-from cache_server.build.teacher import TeacherInfo, inspect_teacher, load_teacher
+from cache_server.build.teacher import TeacherInfo
 from cache_server.build.writer import STATE_DIR, BuildStateError, CacheWriter, check_existing, journal_entries, read_dir_state
 from cache_server.format.build_lock import BuildLockedError, acquire_build_lock
 
-__all__ = ["BuildOptions", "BuildResult", "PreparedBuild", "prepare_build", "run_build"]
+__all__ = ["BuildOptions", "BuildResult", "PreparedBuild", "prepare_build", "run_build", "hold_build_lock"]
 
 Log = Callable[[str], None]
 
@@ -82,7 +83,7 @@ class PreparedBuild:
 
     options: BuildOptions
     out_dir: Path
-    teacher: TeacherInfo
+    teacher: TeacherInfo | MixtureInfo  # several --teacher: their mixture (build/mixture.py)
     tokenizer: TokenizerInfo | None
     data: TokenData
     temperatures: tuple[float, ...]
@@ -114,12 +115,15 @@ class PreparedBuild:
         }
         if self.tokenizer is not None:
             fields["tokenizer"] = self.tokenizer.manifest_entry()
+        if isinstance(self.teacher, MixtureInfo):  # only then: a single teacher's manifest keeps its fields
+            fields["teachers"] = self.teacher.teachers_entry(self.options.dtype)
         return fields
 
     def plan(self, vocab_size: int) -> None:
         """With the vocabulary known: check the ids, plan the layout, decide what the directory allows."""
         opts = self.options
-        self.data.check_ids(vocab_size)
+        # A mixture's ids must be real tokens of its narrowest teacher (the others may be padded wider).
+        self.data.check_ids(self.teacher.narrowest_vocab_size if isinstance(self.teacher, MixtureInfo) else vocab_size)
         self.layout = plan_layout(opts, vocab_size, self.data.num_sequences, self.temperatures)
         self.existing = check_existing(read_dir_state(self.out_dir), self.layout, self.settings(),
                                        overwrite=opts.overwrite)
@@ -129,7 +133,7 @@ class PreparedBuild:
             space.check_free_space(self.out_dir, self.layout, written, reclaimable)
 
 
-def _tokenizer_for(opts: BuildOptions, teacher: TeacherInfo) -> TokenizerInfo | None:
+def _tokenizer_for(opts: BuildOptions, teacher: TeacherInfo | MixtureInfo) -> TokenizerInfo | None:
     """--tokenizer, else the teacher's own tokenizer.json (recorded in the manifest, used for text data)."""
     path = opts.tokenizer
     if path is None and Path(teacher.path).is_dir() and (Path(teacher.path) / "tokenizer.json").is_file():
@@ -142,9 +146,11 @@ def prepare_build(opts: BuildOptions) -> PreparedBuild:
     temperatures = check_options(opts)
     out = Path(opts.out)
     existing = check_existing(read_dir_state(out))  # a file or a foreign directory is refused here
-    teacher = inspect_teacher(opts.teacher, opts.model_factory)
-    check_seq_len(opts.seq_len, teacher.max_positions, f"the teacher {teacher.path}", teacher.max_positions_source)
+    teacher = inspect_teachers(opts.teacher, opts.model_factory, opts.teacher_weights)
+    check_positions(opts.seq_len, teacher)
     tokenizer = _tokenizer_for(opts, teacher)
+    if isinstance(teacher, MixtureInfo) and tokenizer is not None:
+        teacher.tokenizer_vocab = tokenizer.tokenizer.get_vocab_size()  # decides whether widths are padding
     data = open_token_data(opts.data, opts.seq_len, data_dtype=opts.data_dtype, tokenizer=tokenizer,
                            max_sequences=opts.max_sequences, text_documents=opts.text_documents)
     prep = PreparedBuild(opts, out, teacher, tokenizer, data, temperatures, existing=existing)
@@ -179,10 +185,9 @@ def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
         damaged, rewritten = _check_finished(prep, log)  # before the teacher loads: an intact cache needs none
         if not damaged:
             return _already_complete(prep, clock, log, rewritten)
-    model = load_teacher(prep.teacher, opts.dtype, opts.device)
+    model = load_teachers(prep.teacher, opts.dtype, opts.device)
     if prep.layout is None:  # a factory teacher: its vocabulary and position limit are known only now
-        check_seq_len(opts.seq_len, prep.teacher.max_positions, f"the teacher {prep.teacher.path}",
-                      prep.teacher.max_positions_source)
+        check_positions(opts.seq_len, prep.teacher)
         prep.plan(prep.teacher.vocab_size)
     writer = CacheWriter(prep.out_dir, prep.layout, prep.settings(), prep.manifest_fields(), overwrite=opts.overwrite,
                          rank=opts.rank, world_size=opts.world_size)
@@ -229,6 +234,9 @@ def _build_lock(out: Path, rank: int, world_size: int) -> Iterator[None]:
                 os.unlink(lock.path)
         lock.release()
         _remove_empty_dirs(out, out_existed)
+
+
+hold_build_lock = _build_lock  # `kdcache merge` writes through the same lock
 
 
 def _remove_empty_dirs(out: Path, out_existed: bool) -> None:
@@ -346,10 +354,21 @@ def _print_summary(result: BuildResult, prep: PreparedBuild, writer: CacheWriter
         f"  dropped          {result.remainder_tokens_dropped} remainder tokens of the stream (< seq-len)"
         + (f"; {skipped} sequences skipped by --max-sequences" if skipped > 0 else ""),
         f"  bytes on disk    {result.bytes_on_disk} ({space.human_bytes(result.bytes_on_disk)}; shards {result.shard_bytes})",
-        f"  bytes/token      {result.bytes_per_token:.2f} (top-{layout.topk}, {layout.logprob_dtype} logprobs, {layout.codec})",
+        f"  bytes/token      {result.bytes_per_token:.2f} ({_targets_label(layout)}, {layout.logprob_dtype} logprobs, "
+        f"{layout.codec})",
         f"  wall time        {result.wall_s:.2f} s ({tokens_per_s:,.0f} tokens/s; forward {result.forward_s:.2f} s)",
         f"  output           {os.path.abspath(result.out_dir)}",
     ]
     if prep.data.documents is not None:
         lines.insert(3, f"  documents        {prep.data.documents} (EOS between documents)")
     log("\n".join(lines))
+
+
+def _targets_label(layout: fmt.CacheLayout) -> str:
+    """What a cache's targets are, for the build summary: ``top-32``, ``32 draws``, ``top-8 + 32 draws``."""
+    draws = f"{layout.samples} draws in {layout.sample_slots} slots"
+    if layout.targets == "sample":
+        return draws
+    if layout.targets == "hybrid":
+        return f"top-{layout.topk} + {draws}"
+    return f"top-{layout.topk}"

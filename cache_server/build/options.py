@@ -35,20 +35,27 @@ class NonFiniteLogitsError(BuildInputError):
 class BuildOptions:
     """Arguments of one build (see ``kdcache build --help``)."""
 
-    teacher: str
+    teacher: str | tuple[str, ...]  # several: the build stores their mixture (build/mixture.py)
     data: str
     out: str
     topk: int
     seq_len: int
     model_factory: str | None = None
+    teacher_weights: tuple[float, ...] | None = None  # one per teacher (normalised); None: equal weights
     tokenizer: str | None = None
     data_dtype: str | None = None
     text_documents: str = "file"
     temperatures: tuple[float, ...] = ()
+    targets: str = "topk"  # topk | sample | hybrid (fmt.TARGET_KINDS)
+    samples: int = 0  # D draws per position (sample / hybrid)
+    sample_slots: int | None = None  # W (default D: never truncates)
+    sample_temperature: float = 1.0  # tau_s of the draws
+    sample_logprobs: bool = True  # store sample_logprobs
     dtype: str = "float32"
     device: str = "cpu"
     logprob_dtype: str = "float16"
     codec: str = fmt.DEFAULT_CODEC
+    logprob_codec: str = "exact"
     batch_size: int = 8
     shard_seqs: int | None = None
     chunk_seqs: int | None = None
@@ -67,8 +74,7 @@ def check_options(opts: BuildOptions) -> tuple[float, ...]:
     Raises:
         BuildInputError: the first bad value, naming the option and what it accepts.
     """
-    if opts.topk <= 0:
-        raise BuildInputError(f"--topk must be a positive integer, got {opts.topk}")
+    _check_target_options(opts)
     if opts.seq_len < 2:
         raise BuildInputError(f"--seq-len must be at least 2 (position t predicts token t+1), got {opts.seq_len}")
     if opts.batch_size <= 0:
@@ -79,6 +85,8 @@ def check_options(opts: BuildOptions) -> tuple[float, ...]:
         raise BuildInputError(f"--logprob-dtype must be float16 or float32, got {opts.logprob_dtype!r}")
     if opts.codec not in fmt.CODEC_PRESETS:
         raise BuildInputError(f"unknown --codec {opts.codec!r}; choose one of {sorted(fmt.CODEC_PRESETS)}")
+    if opts.logprob_codec not in fmt.LOGPROB_CODECS:
+        raise BuildInputError(f"unknown --logprob-codec {opts.logprob_codec!r}; choose one of {fmt.LOGPROB_CODECS}")
     if opts.world_size < 1 or not 0 <= opts.rank < opts.world_size:
         raise BuildInputError(f"--rank {opts.rank} must be in [0, --world-size {opts.world_size})")
     for name in ("shard_seqs", "chunk_seqs"):
@@ -92,7 +100,38 @@ def check_options(opts: BuildOptions) -> tuple[float, ...]:
             raise BuildInputError(f"--temperatures must be positive finite numbers, got {tau!r}")
         if float(tau) != 1.0:  # temperature 1 is always stored, as `lse`
             temps.add(float(tau))
+    if opts.targets != "topk" and float(opts.sample_temperature) != 1.0:
+        temps.add(float(opts.sample_temperature))  # the estimator needs logsumexp(z / tau_s)
     return tuple(sorted(temps))
+
+
+def _check_target_options(opts: BuildOptions) -> None:
+    """--targets, --topk, --samples, --sample-slots, --sample-temperature agree with each other."""
+    kind = opts.targets
+    if kind not in fmt.TARGET_KINDS:
+        raise BuildInputError(f"--targets must be one of {', '.join(fmt.TARGET_KINDS)}, got {kind!r}")
+    if kind == "sample":
+        if opts.topk:
+            raise BuildInputError(f"--targets sample stores no top-k: drop --topk {opts.topk} (or use --targets "
+                                  "hybrid --topk H for an exact head plus samples)")
+    elif opts.topk is None or opts.topk <= 0:
+        raise BuildInputError(f"--targets {kind} needs --topk K, a positive integer (got {opts.topk})")
+    if kind == "topk":
+        sample_flags = opts.samples or opts.sample_slots is not None or float(opts.sample_temperature) != 1.0
+        if sample_flags or not opts.sample_logprobs:
+            raise BuildInputError("--samples, --sample-slots, --sample-temperature and --no-sample-logprobs are for "
+                                  "--targets sample or hybrid; add --targets sample (or hybrid)")
+        return
+    if not 1 <= opts.samples <= fmt.MAX_SAMPLES:
+        raise BuildInputError(f"--targets {kind} needs --samples N, draws per position from 1 to {fmt.MAX_SAMPLES} "
+                              f"(got {opts.samples})")
+    slots = opts.sample_slots
+    if slots is not None and not 1 <= slots <= opts.samples:
+        raise BuildInputError(f"--sample-slots must be from 1 to --samples ({opts.samples}), got {slots}: "
+                              f"{opts.samples} draws have at most {opts.samples} distinct ids")
+    tau = opts.sample_temperature
+    if not (math.isfinite(tau) and tau > 0):
+        raise BuildInputError(f"--sample-temperature must be a positive finite number, got {tau!r}")
 
 
 def check_device(device: str) -> None:
@@ -152,11 +191,16 @@ def plan_layout(
     An explicit ``--shard-seqs`` keeps the planned inner chunk if it divides the shard (else the largest
     divisor below it); an explicit ``--chunk-seqs`` rounds the planned shard down to a multiple of it.
     """
-    if opts.topk > vocab_size:
+    if opts.targets == "hybrid" and opts.topk >= vocab_size:
+        raise BuildInputError(f"--targets hybrid --topk {opts.topk} leaves nothing of the teacher vocabulary "
+                              f"({vocab_size}) to sample; use --topk {vocab_size - 1} or less")
+    if opts.topk and opts.topk > vocab_size:
         raise BuildInputError(
             f"--topk {opts.topk} is larger than the teacher vocabulary ({vocab_size}); use --topk {vocab_size} or less"
         )
-    shard, chunk = fmt.plan_chunking(opts.seq_len, opts.topk, vocab_size, num_sequences=num_sequences)
+    slots = (opts.sample_slots or opts.samples) if opts.targets != "topk" else 0
+    width = max(opts.topk or 0, slots)  # entries per position of the widest array
+    shard, chunk = fmt.plan_chunking(opts.seq_len, width, vocab_size, num_sequences=num_sequences)
     if opts.shard_seqs is not None and opts.chunk_seqs is not None:
         shard, chunk = opts.shard_seqs, opts.chunk_seqs
     elif opts.shard_seqs is not None:
@@ -169,13 +213,19 @@ def plan_layout(
         return fmt.CacheLayout(
             num_sequences=num_sequences,
             seq_len=opts.seq_len,
-            topk=opts.topk,
+            topk=opts.topk or 0,
             vocab_size=vocab_size,
             temperatures=temperatures,
             logprob_dtype=opts.logprob_dtype,
             shard_seqs=shard,
             chunk_seqs=chunk,
             codec=opts.codec,
+            logprob_codec=opts.logprob_codec,
+            targets=opts.targets,
+            samples=opts.samples if opts.targets != "topk" else 0,
+            sample_slots=slots,
+            sample_temperature=float(opts.sample_temperature),
+            sample_logprobs=bool(opts.sample_logprobs),
         )
     except ValueError as exc:
         raise BuildInputError(str(exc)) from exc

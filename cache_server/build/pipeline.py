@@ -8,13 +8,15 @@ Shape notation::
 Per batch of B rows of one pending shard::
 
     main thread:   logits = teacher(ids)                      # [B, T, V] on the device
-                   targets = compute_targets(logits, ids)     # top-k, lse, lse_t, nll, entropy in fp32
+                   uniforms of sequences [b0, b1) → device    # sample / hybrid caches (sampling.py)
+                   targets = compute_targets(logits, ids)     # top-k, samples, lse, lse_t, nll, entropy in fp32
                    start device→host copies, enqueue           # bounded queue: at most a few batches ahead
     writer thread: wait for the copy, cast, fill the shard buffers, and when a shard is full
                    CacheWriter.write_shard (compress, fsync, journal)
 
 Batches never cross shard boundaries, so a resumed build runs exactly the same batches as an uninterrupted
-one (same batch size ⇒ bitwise-identical shard files).
+one (same batch size ⇒ bitwise-identical shard files). The draws of a sampled cache depend only on the
+sequence index and the cache's seed, not on the batch.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from cache_server import format as fmt
+from cache_server.build import sampling
 from cache_server.build.options import NonFiniteLogitsError
 from cache_server.build.targets import compute_targets, workspace_numel
 from cache_server.build.teacher import forward_logits
@@ -132,10 +135,12 @@ class _ShardAssembler(threading.Thread):
 def _to_host(targets: dict[str, torch.Tensor], layout: fmt.CacheLayout, device: torch.device):
     """Shrink on the device (ids→int32, logprobs→fp16 if stored so), then start async copies to the host."""
     targets = dict(targets)
-    targets["topk_ids"] = targets["topk_ids"].to(torch.int32)
-    targets["input_ids"] = targets["input_ids"].to(torch.int32)
-    if layout.logprob_dtype == "float16":
-        targets["topk_logprobs"] = targets["topk_logprobs"].to(torch.float16)
+    for name in ("topk_ids", "input_ids", "sample_ids", "sample_counts"):
+        if name in targets:
+            targets[name] = targets[name].to(torch.int32)
+    for name in ("topk_logprobs", "sample_logprobs"):
+        if name in targets and layout.logprob_dtype == "float16":
+            targets[name] = targets[name].to(torch.float16)
     if device.type == "cpu":
         return targets, None
     if device.type != "cuda":
@@ -172,10 +177,21 @@ def _stop(assembler: _ShardAssembler) -> None:
         assembler.join()
 
 
-def _forward_batches(model, sequences, layout, pending, batch_size, device, assembler, bar) -> float:
+def _sample_request(layout: fmt.CacheLayout, seed: int, b0: int, b1: int, device) -> sampling.SampleRequest | None:
+    """The draws of sequences [b0, b1) of a sample / hybrid cache (None for a top-k cache)."""
+    if not layout.has_samples:
+        return None
+    uniforms = sampling.sequence_uniforms(seed, b0, b1, layout.seq_len, layout.samples)  # [B, T, D] CPU
+    return sampling.SampleRequest(uniforms.to(device, non_blocking=True), layout.sample_slots,
+                                  layout.sample_temperature, hybrid=layout.targets == "hybrid",
+                                  logprobs=layout.sample_logprobs)
+
+
+def _forward_batches(model, sequences, layout, pending, batch_size, device, assembler, bar, seed) -> float:
     """Run every batch of the pending shards through the teacher and hand the results to the writer."""
     forward_s = 0.0
     workspace: torch.Tensor | None = None  # reused fp32 scratch of compute_targets (a few row chunks of V)
+    sampled = layout.has_samples
     with torch.inference_mode():
         for shard_index in pending:
             start, stop = layout.shard_range(shard_index)
@@ -184,9 +200,12 @@ def _forward_batches(model, sequences, layout, pending, batch_size, device, asse
                 f0 = time.perf_counter()
                 ids = torch.from_numpy(np.array(sequences[b0:b1], dtype=np.int64)).to(device)  # [B, T]
                 logits = forward_logits(model, ids)  # [B, T, V]
-                if workspace is None or workspace.numel() < workspace_numel(logits):
-                    workspace = torch.empty(workspace_numel(logits), dtype=torch.float32, device=device)
-                targets = compute_targets(logits, ids, layout.topk, layout.temperatures, workspace)
+                need = workspace_numel(logits, sampled=sampled)
+                if workspace is None or workspace.numel() < need:
+                    workspace = torch.empty(need, dtype=torch.float32, device=device)
+                request = _sample_request(layout, seed, b0, b1, device)
+                targets = compute_targets(logits, ids, layout.topk, layout.temperatures, workspace,
+                                          sampling_request=request)
                 targets["input_ids"] = ids
                 del logits
                 host, ready = _to_host(targets, layout, device)
@@ -231,8 +250,9 @@ def run_pipeline(
     stats = PipelineStats()
     assembler.start()
     try:
+        seed = sampling.layout_seed(layout, writer.settings)
         stats.forward_s = _forward_batches(model, sequences, layout, pending, batch_size, torch.device(device),
-                                           assembler, bar)
+                                           assembler, bar, seed)
         drain0 = time.perf_counter()
         assembler.close()
         stats.drain_s = time.perf_counter() - drain0

@@ -1,14 +1,16 @@
-"""Everything a cache stores for a batch of teacher logits: top-k log-probs, logsumexps, NLL, entropy.
+"""Everything a cache stores for a batch of teacher logits: top-k log-probs, samples, logsumexps, NLL, entropy.
 
 :func:`compute_targets` walks the logits in row chunks on the device that holds them, in fp32 (see there);
 on CPU the chunks are shared by a small pool of single-threaded worker threads, and the top-k is the exact
-grouped top-k of :func:`_grouped_topk`.
+grouped top-k of :func:`_grouped_topk`. Sampled targets (``sampling.py``) are drawn inside the same chunk
+pass, from the exp the logsumexp already takes.
 
 Shape notation::
 
     B  sequences per forward batch     T  sequence length
-    V  teacher vocabulary size         K  top-k kept per position
+    V  teacher vocabulary size         K  top-k kept per position (0 for a sample cache)
     N  B * T positions                 n  positions in one row chunk
+    D  draws per position              W  sample slots per position
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Iterator
 import torch
 
 from cache_server import format as fmt
+from cache_server.build import sampling
 
 __all__ = ["compute_targets", "workspace_numel"]
 
@@ -83,11 +86,16 @@ def _chunk_plan(logits: torch.Tensor, chunk_rows: int | None) -> tuple[int, int]
     return rows, max(1, workers)
 
 
-def workspace_numel(logits: torch.Tensor, chunk_rows: int | None = None) -> int:
-    """fp32 elements of the scratch buffer ``compute_targets`` needs for ``logits`` [B, T, V]."""
+def _buffers(logits: torch.Tensor, sampled: bool) -> int:
+    """Scratch buffers per worker: z - max, exp, (the fp32 upcast chunk,) (the CDF of the draws)."""
+    return 2 + (logits.dtype != torch.float32) + sampled
+
+
+def workspace_numel(logits: torch.Tensor, chunk_rows: int | None = None, sampled: bool = False) -> int:
+    """fp32 elements of the scratch buffer ``compute_targets`` needs for ``logits`` [B, T, V] (``sampled``:
+    with a ``sampling.SampleRequest``)."""
     rows, workers = _chunk_plan(logits, chunk_rows)
-    buffers = 2 if logits.dtype == torch.float32 else 3  # (upcast chunk,) z - max, exp
-    return workers * buffers * rows * logits.shape[-1]
+    return workers * _buffers(logits, sampled) * rows * logits.shape[-1]
 
 
 def _topk_group_size(vocab_size: int, k: int) -> int:
@@ -158,6 +166,9 @@ class _ChunkJob:
     entropy: torch.Tensor  # [N]
     lse_t: dict[float, torch.Tensor]  # tau -> [N]
     next_chunk: Iterator[int]  # shared by the workers (next() is atomic under the GIL)
+    sampling: sampling.SampleRequest | None = None
+    uniforms: torch.Tensor | None = None  # [N, D] fp32
+    draws: torch.Tensor | None = None  # [N, D] int64 (-1: a hybrid row with no weight outside the head)
 
 
 def _run_chunks(job: _ChunkJob, worker: int) -> None:
@@ -171,24 +182,38 @@ def _run_chunks(job: _ChunkJob, worker: int) -> None:
             if z.dtype != torch.float32:
                 z = job.scratch[worker, 2, :n].copy_(z)  # exact upcast
             d, w = job.scratch[worker, 0, :n], job.scratch[worker, 1, :n]  # [n, V] each
-            if job.group_size:
+            if not job.topk:  # a sample cache: no top-k, just the row max (NaN if the row has a NaN)
+                values, ids = z.amax(dim=-1, keepdim=True), None
+            elif job.group_size:
                 values, ids = _grouped_topk(z, job.topk, job.group_size)  # [n, K]
             else:
                 values, ids = torch.topk(z, job.topk, dim=-1, largest=True, sorted=True)  # [n, K]
             row_max = values[:, :1]  # [n, 1]; NaN if the row has a NaN (topk ranks NaN first)
             torch.sub(z, row_max, out=d)
             sum_w = torch.exp(d, out=w).sum(dim=-1)  # [n]
+            if job.sampling is not None and job.sampling.temperature == 1.0:
+                _draw_chunk(job, worker, r0, r1, w, ids)
             log_sum_w = sum_w.log()
             chunk_lse = row_max.squeeze(1) + log_sum_w  # [n]
             # A -inf logit gives w * d = 0 * (-inf) = NaN, +inf gives d = inf - inf = NaN: bad positions
             # show up as non-finite lse/entropy without a separate pass over the logits.
             job.entropy[r0:r1] = log_sum_w - w.mul_(d).sum(dim=-1) / sum_w
             job.lse[r0:r1] = chunk_lse
-            torch.sub(values, chunk_lse.unsqueeze(1), out=job.topk_logprobs[r0:r1])
-            job.topk_ids[r0:r1] = ids
+            if job.topk:
+                torch.sub(values, chunk_lse.unsqueeze(1), out=job.topk_logprobs[r0:r1])
+                job.topk_ids[r0:r1] = ids
             for tau in job.temperatures:
                 sum_w_tau = torch.div(d, tau, out=w).exp_().sum(dim=-1)  # [n]
                 job.lse_t[tau][r0:r1] = row_max.squeeze(1) / tau + sum_w_tau.log()
+                if job.sampling is not None and tau == job.sampling.temperature:
+                    _draw_chunk(job, worker, r0, r1, w, ids)
+
+
+def _draw_chunk(job: _ChunkJob, worker: int, r0: int, r1: int, w: torch.Tensor, ids: torch.Tensor | None) -> None:
+    """Draw rows [r0, r1) from ``w`` = exp((z - max) / tau_s) [n, V]; a hybrid excludes its head ``ids``."""
+    cdf = job.scratch[worker, -1, : r1 - r0]  # [n, V], the last buffer (see _buffers)
+    head = ids[:, : job.topk - 1] if job.sampling.hybrid else None  # the last of the H + 1 is not in the head
+    job.draws[r0:r1] = sampling.draw_ids(w, job.uniforms[r0:r1], cdf, head)
 
 
 def _run_workers(job: _ChunkJob, workers: int) -> None:
@@ -207,31 +232,67 @@ def _run_workers(job: _ChunkJob, workers: int) -> None:
             future.result()
 
 
-def _new_job(logits, topk, temperatures, workspace, chunk_rows) -> tuple[_ChunkJob, int]:
-    """The chunk plan, scratch views and empty outputs of one call; returns (job, worker threads)."""
+def _new_job(logits, topk, temperatures, workspace, chunk_rows, request) -> tuple[_ChunkJob, int]:
+    """The chunk plan, scratch views and empty outputs of one call; returns (job, worker threads).
+
+    A hybrid request computes the top-(K + 1): the head is the first K, and the (K + 1)-th is the draw of a
+    row whose weight outside the head is 0 in fp32 (where the restricted distribution is a point mass on it).
+    """
     B, T, V = logits.shape
     N = B * T
     device = logits.device
     rows, workers = _chunk_plan(logits, chunk_rows)
-    buffers = 2 if logits.dtype == torch.float32 else 3
-    need = workspace_numel(logits, chunk_rows)
+    sampled = request is not None
+    need = workspace_numel(logits, chunk_rows, sampled)
     if workspace is None or workspace.numel() < need or workspace.device != device or workspace.dtype != torch.float32:
         workspace = torch.empty(need, dtype=torch.float32, device=device)
+    k = topk + 1 if sampled and request.hybrid else topk
     job = _ChunkJob(
         flat=logits.reshape(N, V),  # [N, V] (a view for the contiguous output of an LM head)
-        scratch=workspace.view(-1)[:need].view(workers, buffers, rows, V),
+        scratch=workspace.view(-1)[:need].view(workers, _buffers(logits, sampled), rows, V),
         rows=rows,
-        topk=topk,
-        group_size=_topk_group_size(V, topk) if device.type == "cpu" else 0,  # CUDA's radix top-k is fast
+        topk=k,
+        group_size=_topk_group_size(V, k) if device.type == "cpu" and k else 0,  # CUDA's radix top-k is fast
         temperatures=tuple(temperatures),
-        topk_logprobs=torch.empty(N, topk, dtype=torch.float32, device=device),
-        topk_ids=torch.empty(N, topk, dtype=torch.int64, device=device),
+        topk_logprobs=torch.empty(N, k, dtype=torch.float32, device=device),
+        topk_ids=torch.empty(N, k, dtype=torch.int64, device=device),
         lse=torch.empty(N, dtype=torch.float32, device=device),
         entropy=torch.empty(N, dtype=torch.float32, device=device),
         lse_t={tau: torch.empty(N, dtype=torch.float32, device=device) for tau in temperatures},
         next_chunk=itertools.count(),
+        sampling=request,
     )
+    if sampled:
+        job.uniforms = request.uniforms.reshape(N, -1)  # [N, D]
+        job.draws = torch.empty(job.uniforms.shape, dtype=torch.int64, device=device)
     return job, workers
+
+
+def _check_request(logits: torch.Tensor, topk: int, temperatures, request) -> None:
+    if request is None:
+        if topk <= 0:
+            raise ValueError(f"topk must be positive without sampling, got {topk}")
+        return
+    B, T, V = logits.shape
+    if request.uniforms.shape[:2] != (B, T) or request.uniforms.device != logits.device:
+        raise ValueError(f"sampling.uniforms must be [{B}, {T}, D] on {logits.device}, got "
+                         f"{tuple(request.uniforms.shape)} on {request.uniforms.device}")
+    if request.temperature != 1.0 and request.temperature not in temperatures:
+        raise ValueError(f"the sampling temperature {request.temperature} must be one of temperatures {temperatures}")
+    if request.hybrid and not 0 < topk < V:
+        raise ValueError(f"a hybrid request needs 0 < topk < V = {V}, got topk={topk}")
+
+
+def _sample_outputs(job: _ChunkJob, request, topk: int, B: int, T: int) -> dict[str, torch.Tensor]:
+    """The draws of a batch packed into slots (``sampling.pack_slots``), plus their exact log-probs."""
+    draws = job.draws
+    if request.hybrid:  # no weight outside the head: the best non-head id (see _new_job)
+        draws = torch.where(draws < 0, job.topk_ids[:, topk : topk + 1], draws)
+    ids, counts = sampling.pack_slots(draws, request.slots, job.flat.shape[-1])  # [N, W] each
+    out = {"sample_ids": ids.view(B, T, -1), "sample_counts": counts.view(B, T, -1)}
+    if request.logprobs:
+        out["sample_logprobs"] = sampling.slot_logprobs(job.flat, ids, counts, job.lse).view(B, T, -1)
+    return out
 
 
 def compute_targets(
@@ -241,6 +302,7 @@ def compute_targets(
     temperatures: tuple[float, ...] = (),
     workspace: torch.Tensor | None = None,
     chunk_rows: int | None = None,
+    sampling_request: sampling.SampleRequest | None = None,
 ) -> dict[str, torch.Tensor]:
     """Everything a cache stores for a batch, computed in fp32 where the logits live.
 
@@ -253,41 +315,51 @@ def compute_targets(
                                                                cancellation, unlike lse - sum(p * z))
         lse_t{tau} = logsumexp(z / tau) = m / tau + log sum(exp(d / tau))
         nll_t = lse - z[token[t + 1]]                          (position t predicts token t + 1)
+        samples: D draws from the weights exp(d / tau_s) the lse/lse_t pass just took (hybrid: with the
+                 top-K head zeroed), packed into W slots; sample_logprobs = z[id] - lse (``sampling.py``)
 
     So the vocabulary is read once for top-k (grouped on CPU, see ``_grouped_topk``) and the exp is taken
-    once per temperature; lse and entropy share one. The work runs in row chunks whose scratch lives in
-    ``workspace`` (fresh 100+ MB allocations per batch cost more in page faults than the arithmetic on a
-    CPU; chunks small enough to stay in cache make the later passes cheap); on CPU the chunks are shared
-    by ``torch.get_num_threads()`` single-threaded workers (see ``_CPU_CHUNK_ELEMS``). Each chunk's result
-    does not depend on which worker ran it. ``logits`` are not modified.
+    once per temperature; lse and entropy share one, and the draws reuse it (one cumsum pass more). The
+    work runs in row chunks whose scratch lives in ``workspace`` (fresh 100+ MB allocations per batch cost
+    more in page faults than the arithmetic on a CPU; chunks small enough to stay in cache make the later
+    passes cheap); on CPU the chunks are shared by ``torch.get_num_threads()`` single-threaded workers (see
+    ``_CPU_CHUNK_ELEMS``). Each chunk's result does not depend on which worker ran it. ``logits`` are not
+    modified.
 
     Args:
         logits: [B, T, V] teacher logits (any float dtype; bf16/fp16 are upcast exactly, chunk by chunk).
         input_ids: [B, T] the tokens the teacher saw.
-        topk: K.
-        temperatures: extra temperatures tau != 1.
+        topk: K (0: no top-k, for a sample cache; the hybrid head H otherwise).
+        temperatures: extra temperatures tau != 1 (must include the sampling temperature when it is not 1).
         workspace: optional reusable fp32 buffer on the logits' device with at least
-            ``workspace_numel(logits, chunk_rows)`` elements (a larger one, e.g. [B, T, V], is fine).
+            ``workspace_numel(logits, chunk_rows, sampled)`` elements (a larger one, e.g. [B, T, V], is fine).
         chunk_rows: positions per chunk (default: ~4 MiB of fp32 per chunk on CPU, 256 MiB elsewhere).
+        sampling_request: what to draw (``sampling.SampleRequest``), or None.
 
     Returns:
-        dict with ``topk_ids`` [B, T, K] int64, ``topk_logprobs`` [B, T, K] fp32, ``lse`` [B, T],
-        ``lse_t{tau}`` [B, T], ``seq_nll`` [B], ``seq_entropy`` [B] (fp32), and ``finite`` [B, T] bool (False
-        where any logit of the position is NaN/inf). No returned tensor aliases the workspace or logits.
+        dict with ``topk_ids`` [B, T, K] int64, ``topk_logprobs`` [B, T, K] fp32 (when K > 0), ``lse`` [B, T],
+        ``lse_t{tau}`` [B, T], ``seq_nll`` [B], ``seq_entropy`` [B] (fp32), ``finite`` [B, T] bool (False
+        where any logit of the position is NaN/inf), and with sampling ``sample_ids`` / ``sample_counts``
+        [B, T, W] int64 (+ ``sample_logprobs`` [B, T, W] fp32). No returned tensor aliases the workspace or
+        logits.
+
+    Raises:
+        ValueError: topk is 0 without sampling, or the request does not fit the logits.
     """
     B, T, V = logits.shape
-    job, workers = _new_job(logits, topk, temperatures, workspace, chunk_rows)
+    _check_request(logits, topk, tuple(temperatures), sampling_request)
+    job, workers = _new_job(logits, topk, temperatures, workspace, chunk_rows, sampling_request)
     _run_workers(job, workers)
 
     lse_bt = job.lse.view(B, T)
     # Position t predicts token t+1: NLL over positions 0..T-2.
     next_logits = logits[:, :-1].gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1).float()  # [B, T-1]
-    out = {
-        "topk_ids": job.topk_ids.view(B, T, topk),
-        "topk_logprobs": job.topk_logprobs.view(B, T, topk),
-        "lse": lse_bt,
-        "seq_nll": (lse_bt[:, :-1] - next_logits).mean(dim=1),
-    }
+    out = {"lse": lse_bt, "seq_nll": (lse_bt[:, :-1] - next_logits).mean(dim=1)}
+    if topk:
+        out["topk_ids"] = job.topk_ids[:, :topk].reshape(B, T, topk)
+        out["topk_logprobs"] = job.topk_logprobs[:, :topk].reshape(B, T, topk)
+    if sampling_request is not None:
+        out.update(_sample_outputs(job, sampling_request, topk, B, T))
     for tau in temperatures:
         out[fmt.temperature_key(tau)] = job.lse_t[tau].view(B, T)
     entropy_bt = job.entropy.view(B, T)

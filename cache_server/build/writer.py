@@ -462,7 +462,7 @@ class CacheWriter:
         """The journal entry of an intact shard, its statistics decoded from its files."""
         specs = {spec.name: spec for spec in self.layout.arrays()}
         arrays = {}
-        for name in STATS_ARRAYS:
+        for name in (n for n in STATS_ARRAYS if n in specs):  # the kinds' arrays differ (topk/sample)
             spec = specs[name]
             path = self.out_dir / fmt.shard_relpath(name, shard_index, 1 + len(spec.trailing_shape))
             arrays[name] = fmt.decode_shard(path.read_bytes(), spec, self.layout, shard_index)

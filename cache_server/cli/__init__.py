@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "info": "cache_server.cli.info",
     "verify": "cache_server.cli.verify",
     "serve": "cache_server.cli.serve",
+    "merge": "cache_server.cli.merge",
 }
 
 EPILOG = """\
@@ -39,6 +40,7 @@ examples:
   kdcache verify ./cache
   kdcache verify ./cache --decoded
   kdcache serve ./cache --port 8000
+  kdcache merge ./cache-a ./cache-b --weights 0.7,0.3 --out ./cache-ab
 
 Run "kdcache COMMAND --help" for the options of one command. Exit status: 0 success, 1 a damaged cache
 (verify) or an internal error, 2 bad input, 130 interrupted. Set KDCACHE_DEBUG=1 to see the traceback of

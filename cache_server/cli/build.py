@@ -36,6 +36,16 @@ examples:
   kdcache build --teacher model.safetensors --model-factory mypkg.models:build_teacher --data tokens.npy \\
       --topk 32 --seq-len 512 --out ./cache
 
+  # the mixture 0.7 A + 0.3 B of two teachers that share a tokenizer (computed from their full logits)
+  kdcache build --teacher ./teacher-a --teacher ./teacher-b --teacher-weights 0.7,0.3 --data tokens.npy \\
+      --topk 32 --seq-len 1024 --out ./cache-mix
+
+  # sampled targets (unbiased): 48 draws per position stored as distinct ids + counts; or an exact top-4
+  # head plus 32 draws from the rest of the vocabulary
+  kdcache build --teacher ./teacher --data tokens.npy --targets sample --samples 48 --seq-len 1024 --out ./cache-s
+  kdcache build --teacher ./teacher --data tokens.npy --targets hybrid --topk 4 --samples 32 --seq-len 1024 \
+      --out ./cache-h
+
   # 4 GPUs: one process per rank (or set RANK / WORLD_SIZE); the last rank to finish writes the manifest
   for r in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$r kdcache build ... --rank $r --world-size 4 --device cuda & done
 
@@ -67,6 +77,32 @@ def _temperatures(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"--temperatures takes comma-separated numbers like 1,2,4, got {text!r}")
 
 
+def _weights(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(w) for w in text.split(",") if w.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--teacher-weights takes comma-separated numbers like 0.7,0.3, got {text!r}")
+
+
+def _add_sample_flags(group) -> None:
+    """--targets and the sampling flags (docs/FORMAT.md, "Target kinds")."""
+    group.add_argument("--targets", default="topk", choices=["topk", "sample", "hybrid"],
+                       help="what each position stores: topk, the exact top-K (default); sample, N draws from the "
+                       "teacher as distinct ids with counts (unbiased; no --topk); hybrid, the exact top-H head "
+                       "(--topk H) plus N draws from the rest of the vocabulary")
+    group.add_argument("--samples", type=int, default=0, metavar="N",
+                       help="draws per position with replacement, for --targets sample/hybrid (at most 65535)")
+    group.add_argument("--sample-temperature", type=float, default=1.0, metavar="TAU",
+                       help="temperature of the draws (default 1; another one is added to --temperatures)")
+    group.add_argument("--sample-slots", type=int, metavar="W",
+                       help="distinct ids stored per position (default N, which never drops a draw); with W < N a "
+                       "position with more than W distinct ids keeps the W most frequent, and the dropped draws, "
+                       "which bias that position, are counted in the manifest (stats.truncated_draws)")
+    group.add_argument("--no-sample-logprobs", action="store_true",
+                       help="do not store the exact teacher log-prob of each sampled id (smaller; the loss then "
+                       "cannot report the KL value nor reweight to another temperature)")
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     from cache_server import format as fmt
     from cache_server.build.sources import TEXT_DOCUMENT_MODES
@@ -76,10 +112,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
     req = p.add_argument_group("required")
-    req.add_argument("--teacher", required=True, metavar="CKPT",
-                     help="transformers model directory (safetensors), or a .safetensors state dict with --model-factory")
+    req.add_argument("--teacher", required=True, metavar="CKPT", action="append",
+                     help="transformers model directory (safetensors), or a .safetensors state dict with "
+                     "--model-factory; repeat it for a mixture of teachers (see --teacher-weights)")
     req.add_argument("--data", required=True, metavar="PATH", help="token data or text (see the formats below)")
-    req.add_argument("--topk", required=True, type=int, metavar="K", help="top-k entries kept per position")
+    req.add_argument("--topk", type=int, metavar="K",
+                     help="top-k entries kept per position (the exact head H with --targets hybrid; not with "
+                     "--targets sample)")
     req.add_argument("--seq-len", required=True, type=int, metavar="T",
                      help="positions per sequence (at most the teacher's maximum positions)")
     req.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if unfinished)")
@@ -87,6 +126,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     t = p.add_argument_group("teacher")
     t.add_argument("--model-factory", metavar="MODULE:FUNCTION",
                    help="function returning the nn.Module for a bare safetensors state dict")
+    t.add_argument("--teacher-weights", type=_weights, metavar="W1,W2",
+                   help="mixture weights, one per --teacher in order, normalised to sum 1 (default: equal)")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="teacher compute dtype (top-k/logsumexp are always fp32); default float32")
     t.add_argument("--device", default="cpu",
@@ -105,8 +146,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--temperatures", type=_temperatures, default=(), metavar="T1,T2",
                    help="extra temperatures for logsumexp(logits/tau), e.g. 2,4 (1 is always stored as lse)")
     c.add_argument("--logprob-dtype", default="float16", choices=["float16", "float32"], help="default float16")
+    _add_sample_flags(c)
     c.add_argument("--codec", default=fmt.DEFAULT_CODEC, choices=sorted(fmt.CODEC_PRESETS),
                    help=f"compression preset (default {fmt.DEFAULT_CODEC})")
+    c.add_argument("--logprob-codec", default="exact", choices=list(fmt.LOGPROB_CODECS),
+                   help="exact (default: every bit of --logprob-dtype) or q8 (lossy, opt-in: each position's top "
+                        "log-prob exact, the rest as 8-bit steps below it; docs/FORMAT.md)")
     c.add_argument("--shard-seqs", type=int, metavar="S",
                    help="sequences per shard (default: shards of about 32 MiB of top-k ids, at most all sequences)")
     c.add_argument("--chunk-seqs", type=int, metavar="C",
@@ -139,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
     from cache_server.build.options import BuildOptions
 
     run_build(BuildOptions(
-        teacher=args.teacher,
+        teacher=args.teacher[0] if len(args.teacher) == 1 else tuple(args.teacher),
+        teacher_weights=args.teacher_weights,
         data=args.data,
         out=args.out,
         topk=args.topk,
@@ -149,10 +195,16 @@ def run(args: argparse.Namespace) -> int:
         data_dtype=args.data_dtype,
         text_documents=args.text_documents,
         temperatures=tuple(args.temperatures),
+        targets=args.targets,
+        samples=args.samples,
+        sample_slots=args.sample_slots,
+        sample_temperature=args.sample_temperature,
+        sample_logprobs=not args.no_sample_logprobs,
         dtype=args.dtype,
         device=args.device,
         logprob_dtype=args.logprob_dtype,
         codec=args.codec,
+        logprob_codec=args.logprob_codec,
         batch_size=args.batch_size,
         shard_seqs=args.shard_seqs,
         chunk_seqs=args.chunk_seqs,

@@ -47,7 +47,13 @@ def summarize(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "sequences": manifest["num_sequences"],
         "seq_len": manifest["seq_len"],
         "tokens": manifest["num_sequences"] * manifest["seq_len"],
+        "targets": (manifest.get("targets") or {}).get("kind", "topk"),
         "topk": manifest["topk"],
+        "samples": (manifest.get("targets") or {}).get("samples"),
+        "sample_slots": (manifest.get("targets") or {}).get("slots"),
+        "sample_temperature": (manifest.get("targets") or {}).get("sample_temperature"),
+        "truncated_draws": stats.get("truncated_draws"),
+        "mean_unique_per_position": stats.get("mean_unique_per_position"),
         "vocab_size": manifest["vocab_size"],
         "temperatures": [1.0, *manifest.get("temperatures", [])],
         "shards": manifest.get("num_shards"),
@@ -77,9 +83,10 @@ def build_command(manifest: Mapping[str, Any], cache_dir: str) -> str | None:
     """
     teacher, dataset = manifest.get("teacher") or {}, manifest.get("dataset") or {}
     settings = manifest.get("build_args") or {}
-    if not teacher.get("path") or not dataset.get("source"):
-        return None  # not built by `kdcache build` (e.g. written directly through the writer)
-    argv = ["kdcache", "build", "--teacher", str(teacher["path"])]
+    teacher_argv = _teacher_args(manifest)
+    if teacher_argv is None or not dataset.get("source"):
+        return None  # not built by `kdcache build` (e.g. written directly through the writer, or merged)
+    argv = ["kdcache", "build", *teacher_argv]
     if teacher.get("factory"):
         argv += ["--model-factory", str(teacher["factory"])]
     argv += ["--data", str(dataset["source"])]
@@ -90,20 +97,59 @@ def build_command(manifest: Mapping[str, Any], cache_dir: str) -> str | None:
     tokenizer = manifest.get("tokenizer") or {}
     if tokenizer.get("path"):
         argv += ["--tokenizer", str(tokenizer["path"])]
-    argv += ["--topk", str(manifest["topk"]), "--seq-len", str(manifest["seq_len"]),
-             "--out", os.path.abspath(cache_dir)]
-    if manifest.get("temperatures"):
-        argv += ["--temperatures", ",".join(_exact(t) for t in manifest["temperatures"])]
+    argv += [*_target_args(manifest), "--seq-len", str(manifest["seq_len"]), "--out", os.path.abspath(cache_dir)]
+    temperatures = _build_temperatures(manifest)
+    if temperatures:
+        argv += ["--temperatures", ",".join(_exact(t) for t in temperatures)]
     compute_dtype = settings.get("compute_dtype", teacher.get("dtype"))
     if compute_dtype is not None:
         argv += ["--dtype", str(compute_dtype)]
-    argv += ["--logprob-dtype", str(manifest["arrays"]["topk_logprobs"]["dtype"]),
+    argv += ["--logprob-dtype", fmt.layout_from_manifest(manifest).logprob_dtype,
              "--codec", str(manifest.get("codec", fmt.DEFAULT_CODEC))]
     argv += ["--shard-seqs", str(manifest["shard_seqs"]), "--chunk-seqs", str(manifest["chunk_seqs"])]
     used, available = dataset.get("sequences_used"), dataset.get("sequences_available")
     if isinstance(used, int) and isinstance(available, int) and used < available:
         argv += ["--max-sequences", str(used)]
     return shlex.join(argv)
+
+
+def _teacher_args(manifest: Mapping[str, Any]) -> list[str] | None:
+    """``--teacher`` (once per teacher of a mixture, with ``--teacher-weights``), or None when not recorded."""
+    teachers = manifest.get("teachers")
+    if teachers:
+        if not all(t.get("path") for t in teachers):
+            return None
+        argv = [arg for t in teachers for arg in ("--teacher", str(t["path"]))]
+        return argv + ["--teacher-weights", ",".join(repr(float(t["weight"])) for t in teachers)]
+    teacher = manifest.get("teacher") or {}
+    return ["--teacher", str(teacher["path"])] if teacher.get("path") else None
+
+
+def _target_args(manifest: Mapping[str, Any]) -> list[str]:
+    """--targets / --topk / --samples ... of the build command (just --topk K for a top-k cache)."""
+    targets = manifest.get("targets") or {"kind": "topk"}
+    kind = targets["kind"]
+    argv = [] if kind == "topk" else ["--targets", kind]
+    if kind != "sample":
+        argv += ["--topk", str(manifest["topk"])]
+    if kind == "topk":
+        return argv
+    argv += ["--samples", str(targets["samples"])]
+    if targets["slots"] != targets["samples"]:
+        argv += ["--sample-slots", str(targets["slots"])]
+    if float(targets["sample_temperature"]) != 1.0:
+        argv += ["--sample-temperature", _exact(targets["sample_temperature"])]
+    if "sample_logprobs" not in manifest["arrays"]:
+        argv.append("--no-sample-logprobs")
+    return argv
+
+
+def _build_temperatures(manifest: Mapping[str, Any]) -> list[float]:
+    """The --temperatures a build was given: the stored ones, less the sampling temperature the build added
+    (unless the build recorded that it was asked for it too, which it cannot tell: passing it again is a
+    no-op, so leaving it out gives the same cache)."""
+    tau_s = (manifest.get("targets") or {}).get("sample_temperature")
+    return [t for t in manifest.get("temperatures", []) if tau_s is None or float(t) != float(tau_s)]
 
 
 def _relative_paths(manifest: Mapping[str, Any]) -> list[str]:
@@ -123,6 +169,27 @@ def _stats_lines(summary: Mapping[str, Any]) -> list[str]:
     if summary["mean_entropy"] is not None and summary["mean_nll"] is not None:
         lines.append(f"teacher entropy  {summary['mean_entropy']:.4f} nats/position; "
                      f"NLL {summary['mean_nll']:.4f} nats/token")
+    return lines
+
+
+def _targets_lines(summary: Mapping[str, Any], arrays: Mapping[str, Any]) -> list[str]:
+    """What each position holds: the top-k, the samples, or both (hybrid)."""
+    lines = []
+    if "topk_ids" in arrays:
+        head = " (the exact head of a hybrid cache)" if summary["targets"] == "hybrid" else ""
+        lines.append(f"top-k            {summary['topk']} of vocab {summary['vocab_size']:,}{head} "
+                     f"(ids {arrays['topk_ids']['dtype']}, logprobs {arrays['topk_logprobs']['dtype']})")
+    if "sample_ids" in arrays:
+        rest = " from the vocabulary outside the head" if summary["targets"] == "hybrid" else ""
+        logprobs = arrays.get("sample_logprobs", {}).get("dtype", "not stored")
+        unique = summary["mean_unique_per_position"]
+        lines.append(f"samples          {summary['targets']}: {summary['samples']} draws per position{rest} at "
+                     f"temperature {_exact(summary['sample_temperature'])}, {summary['sample_slots']} slots "
+                     f"(ids {arrays['sample_ids']['dtype']}, counts {arrays['sample_counts']['dtype']}, "
+                     f"logprobs {logprobs})" + (f"; {unique:.2f} distinct ids per position" if unique else ""))
+        if summary["truncated_draws"]:
+            lines.append(f"                 {summary['truncated_draws']:,} draws dropped beyond the slots (those "
+                         "positions are biased; rebuild with a larger --sample-slots)")
     return lines
 
 
@@ -156,8 +223,7 @@ def run(args: argparse.Namespace) -> int:
         f"{teacher.get('dtype', '?')})",
         f"dataset          {dataset.get('source', '?')} fingerprint {manifest.get('dataset_fingerprint')}",
         f"sequences        {summary['sequences']:,} x {summary['seq_len']} = {summary['tokens']:,} tokens",
-        f"top-k            {summary['topk']} of vocab {summary['vocab_size']:,} "
-        f"(ids {arrays['topk_ids']['dtype']}, logprobs {arrays['topk_logprobs']['dtype']})",
+        *_targets_lines(summary, arrays),
         f"temperatures     {', '.join(_exact(t) for t in summary['temperatures'])}",
         f"shards           {summary['shards']} x {manifest['shard_seqs']} sequences "
         f"(inner chunks of {manifest['chunk_seqs']}), codec {manifest.get('codec')}",

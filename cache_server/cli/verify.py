@@ -99,7 +99,7 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
         try:
             fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=str(path))
             if decode:
-                fmt.decode_shard(raw, specs[name], layout, index)
+                fmt.decode_stored_shard(raw, specs[name], layout, index)
         except fmt.CorruptShardError as exc:
             problems.append(f"array {exc.array!r} shard {exc.shard_index} ({path}): {exc.reason}")
     return problems

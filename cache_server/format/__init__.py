@@ -1,4 +1,4 @@
-"""kdcache on-disk format v1: layout, manifest, shard encoding and decoding.
+"""kdcache on-disk format (versions 1 and 2): layout, manifest, shard encoding and decoding.
 
 This is the ONE package that knows the format; the build job, the server and ``kdlib`` all go through it,
 and it imports nothing else of ours (and never torch). The specification lives in ``docs/FORMAT.md``; keep
@@ -9,6 +9,7 @@ Modules:
     layout      the arrays of a cache, their dtypes and shapes, sharding and chunking (CacheLayout).
     manifest    canonical manifest bytes, parsing, validate_manifest, read_manifest_bytes, load_manifest.
     shards      shard file paths, sha256, Zarr v3 writing and metadata checks, the shard decoder.
+    slots       format v2's per-position slot transform: canonical order, id-sorted storage, q8 log-probs.
     build_lock  one build per directory: the flock-based lock a running build holds, and how readers see it.
     decoded     decoded copies on local disk: their paths and their crc32c integrity record.
     wire        the HTTP paths, headers and media types of ``kdcache serve`` (server and client share them).
@@ -35,6 +36,11 @@ from cache_server.format.layout import (
     ALIGNMENT_CONVENTION,
     CODEC_PRESETS,
     DEFAULT_CODEC,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS,
+    LOGPROB_CODECS,
+    MAX_SAMPLES,
+    TARGET_KINDS,
     ArraySpec,
     CacheLayout,
     array_specs,
@@ -44,8 +50,8 @@ from cache_server.format.layout import (
 )
 from cache_server.format.manifest import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     MANIFEST_NAME,
+    format_fields,
     layout_from_manifest,
     load_manifest,
     manifest_bytes,
@@ -57,8 +63,12 @@ from cache_server.format.shards import (
     GROUP_ATTRIBUTES,
     create_arrays,
     damaged_metadata,
+    decode_inputs,
     decode_shard,
+    decode_shard_group,
+    decode_stored_shard,
     expected_metadata,
+    group_attributes,
     iter_shard_files,
     shard_relpath,
     shard_sha256,

@@ -19,6 +19,17 @@ in every array)::
     lse_t{tau:g}     [N, T]     float32           logsumexp(logits / tau) for each extra build temperature
     seq_nll          [N]        float32           mean teacher NLL of the actual next tokens (positions 0..T-2)
     seq_entropy      [N]        float32           mean teacher entropy over the T positions (full vocab)
+
+By target kind (``CacheLayout.targets``; W = sample slots per position, D = draws per position)::
+
+    topk     the arrays above (default)
+    sample   no topk_ids / topk_logprobs (K = 0), plus
+      sample_ids       [N, T, W]  uint16 | uint32   unique drawn ids by descending count (ties: ascending id)
+      sample_counts    [N, T, W]  uint8 (D <= 255) | uint16   draws of each id; padding slots: count 0, id 0
+      sample_logprobs  [N, T, W]  float16 | float32 exact log p_teacher(id) at temperature 1 (0 on padding;
+                                                    absent with sample_logprobs=False)
+    hybrid   topk_ids / topk_logprobs with K = H (the exact head) plus the sample_* arrays, drawn from the
+             teacher restricted to the vocabulary minus the head
 """
 
 from __future__ import annotations
@@ -31,8 +42,13 @@ import numpy as np
 
 __all__ = [
     "ALIGNMENT_CONVENTION",
+    "TARGET_KINDS",
+    "MAX_SAMPLES",
     "CODEC_PRESETS",
     "DEFAULT_CODEC",
+    "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
+    "LOGPROB_CODECS",
     "ArraySpec",
     "CacheLayout",
     "ids_dtype_for_vocab",
@@ -56,6 +72,18 @@ CODEC_PRESETS: dict[str, list[dict[str, Any]] | None] = {
     "none": None,
 }
 DEFAULT_CODEC = "blosc-zstd"
+
+# Format versions: 2 is what new caches are written as; 1 (the stored form before issue 10) stays readable.
+FORMAT_VERSION = 2
+FORMAT_VERSIONS = (1, 2)
+# How log-probs are stored (docs/FORMAT.md, "Log-prob codecs"): "exact" keeps every bit of the logprob dtype;
+# "q8" (opt-in, lossy) stores each position's top value exactly and the rest as 8-bit steps below it.
+LOGPROB_CODECS = ("exact", "q8")
+
+# What a cache stores per position (docs/FORMAT.md, "Target kinds"): exact top-k, sampled ids with counts, or
+# an exact top-H head plus draws from the rest of the vocabulary.
+TARGET_KINDS = ("topk", "sample", "hybrid")
+MAX_SAMPLES = (1 << 16) - 1  # draws per position: the counts are uint16 at most
 
 
 def ids_dtype_for_vocab(vocab_size: int) -> np.dtype:
@@ -103,20 +131,23 @@ class CacheLayout:
     vocab_size: int
     temperatures: tuple[float, ...] = ()
     logprob_dtype: str = "float16"
+    targets: str = "topk"  # one of TARGET_KINDS
+    samples: int = 0  # D draws per position (sample / hybrid)
+    sample_slots: int = 0  # W slots per position (sample / hybrid), 1 <= W <= D
+    sample_temperature: float = 1.0  # tau_s of the draws; != 1 must be among `temperatures`
+    sample_logprobs: bool = True  # store sample_logprobs (sample / hybrid)
     shard_seqs: int = 64
     chunk_seqs: int = 8
     codec: str = DEFAULT_CODEC
+    format_version: int = FORMAT_VERSION  # 1: v1 stored form (read only); 2: id-sorted slots (docs/FORMAT.md)
+    logprob_codec: str = "exact"  # one of LOGPROB_CODECS; a lossy one needs format_version 2
 
     def __post_init__(self) -> None:
-        for name in ("num_sequences", "seq_len", "topk", "vocab_size", "shard_seqs", "chunk_seqs"):
+        for name in ("num_sequences", "seq_len", "vocab_size", "shard_seqs", "chunk_seqs"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.topk > self.vocab_size:
-            raise ValueError(
-                f"topk={self.topk} is larger than the teacher vocabulary ({self.vocab_size}); "
-                f"use --topk {self.vocab_size} or less"
-            )
+        _check_targets(self)
         if self.shard_seqs % self.chunk_seqs:
             raise ValueError(
                 f"shard_seqs ({self.shard_seqs}) must be a multiple of chunk_seqs ({self.chunk_seqs}): pass a "
@@ -126,6 +157,12 @@ class CacheLayout:
             raise ValueError(f"logprob_dtype must be float16 or float32, got {self.logprob_dtype!r}")
         if self.codec not in CODEC_PRESETS:
             raise ValueError(f"unknown codec {self.codec!r}; choose one of {sorted(CODEC_PRESETS)}")
+        if self.format_version not in FORMAT_VERSIONS:
+            raise ValueError(f"format_version must be one of {FORMAT_VERSIONS}, got {self.format_version!r}")
+        if self.logprob_codec not in LOGPROB_CODECS:
+            raise ValueError(f"unknown logprob codec {self.logprob_codec!r}; choose one of {LOGPROB_CODECS}")
+        if self.logprob_codec != "exact" and self.format_version < 2:
+            raise ValueError(f"logprob codec {self.logprob_codec!r} needs format_version 2")
         keys: dict[str, float] = {}
         for tau in self.temperatures:
             key = temperature_key(tau)
@@ -137,6 +174,21 @@ class CacheLayout:
                     "once (they must differ within 6 significant digits)"
                 )
             keys[key] = tau
+
+    @property
+    def has_topk(self) -> bool:
+        """Whether the cache holds ``topk_ids`` / ``topk_logprobs`` (kinds topk and hybrid)."""
+        return self.targets != "sample"
+
+    @property
+    def has_samples(self) -> bool:
+        """Whether the cache holds the ``sample_*`` arrays (kinds sample and hybrid)."""
+        return self.targets != "topk"
+
+    @property
+    def counts_dtype(self) -> np.dtype:
+        """The dtype of ``sample_counts``: uint8 for up to 255 draws per position, else uint16."""
+        return np.dtype("uint8") if self.samples <= 255 else np.dtype("uint16")
 
     @property
     def ids_dtype(self) -> np.dtype:
@@ -164,16 +216,57 @@ class CacheLayout:
         return sum(spec.bytes_per_sequence() for spec in self.arrays()) / self.seq_len
 
 
+def _check_targets(layout: CacheLayout) -> None:
+    """The target-kind fields of a layout agree with each other (ValueError naming the build flag)."""
+    kind, K, D, W = layout.targets, layout.topk, layout.samples, layout.sample_slots
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"targets must be one of {TARGET_KINDS}, got {kind!r}")
+    if not isinstance(K, (int, np.integer)) or isinstance(K, bool) or K < 0:
+        raise ValueError(f"topk must be a non-negative integer, got {K!r}")
+    if kind == "sample" and K:
+        raise ValueError(f"a sample cache stores no top-k (topk={K}): drop --topk, or use --targets hybrid "
+                         "for an exact head plus samples")
+    if kind != "sample" and K == 0:
+        raise ValueError(f"topk must be a positive integer for --targets {kind} (pass --topk K)")
+    if kind == "topk" and K > layout.vocab_size:
+        raise ValueError(f"topk={K} is larger than the teacher vocabulary ({layout.vocab_size}); "
+                         f"use --topk {layout.vocab_size} or less")
+    if kind == "hybrid" and K >= layout.vocab_size:
+        raise ValueError(f"a hybrid head of topk={K} leaves nothing of the vocabulary ({layout.vocab_size}) to "
+                         f"sample; use --topk {layout.vocab_size - 1} or less")
+    if kind == "topk":
+        if D or W:
+            raise ValueError(f"samples ({D}) and sample_slots ({W}) are for --targets sample or hybrid")
+        return
+    for name, value in (("samples", D), ("sample_slots", W)):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer for --targets {kind}, got {value!r}")
+    if D > MAX_SAMPLES:
+        raise ValueError(f"samples={D} is more than {MAX_SAMPLES} draws per position (counts are uint16)")
+    if W > D:
+        raise ValueError(f"sample_slots={W} is more than samples={D}: D draws have at most D distinct ids; "
+                         f"use --sample-slots {D} or less (the default is --samples)")
+    tau = layout.sample_temperature
+    if not (isinstance(tau, (int, float)) and math.isfinite(tau) and tau > 0):
+        raise ValueError(f"sample_temperature must be a positive finite number, got {tau!r}")
+    if float(tau) != 1.0 and float(tau) not in [float(t) for t in layout.temperatures]:
+        raise ValueError(f"sample_temperature {tau!r} must also be a build temperature (its logsumexp is stored)")
+
+
 def array_specs(layout: CacheLayout) -> list[ArraySpec]:
-    """The arrays of a cache, in manifest order."""
+    """The arrays of a cache, in manifest order (the module docstring lists them per target kind)."""
     T, K = layout.seq_len, layout.topk
     ids = layout.ids_dtype
-    specs = [
-        ArraySpec("input_ids", ids, (T,)),
-        ArraySpec("topk_ids", ids, (T, K)),
-        ArraySpec("topk_logprobs", np.dtype(layout.logprob_dtype), (T, K)),
-        ArraySpec("lse", np.dtype("float32"), (T,)),
-    ]
+    logprobs = np.dtype(layout.logprob_dtype)
+    specs = [ArraySpec("input_ids", ids, (T,))]
+    if layout.has_topk:
+        specs += [ArraySpec("topk_ids", ids, (T, K)), ArraySpec("topk_logprobs", logprobs, (T, K))]
+    if layout.has_samples:
+        W = layout.sample_slots
+        specs += [ArraySpec("sample_ids", ids, (T, W)), ArraySpec("sample_counts", layout.counts_dtype, (T, W))]
+        if layout.sample_logprobs:
+            specs.append(ArraySpec("sample_logprobs", logprobs, (T, W)))
+    specs.append(ArraySpec("lse", np.dtype("float32"), (T,)))
     specs += [ArraySpec(temperature_key(tau), np.dtype("float32"), (T,)) for tau in layout.temperatures]
     specs += [ArraySpec("seq_nll", np.dtype("float32"), ()), ArraySpec("seq_entropy", np.dtype("float32"), ())]
     return specs

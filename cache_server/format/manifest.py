@@ -19,11 +19,16 @@ from typing import Any, Mapping
 
 from cache_server.format.build_lock import BUILD_STATE_DIR, build_lock_holder
 from cache_server.format.errors import CacheError
-from cache_server.format.layout import CODEC_PRESETS, DEFAULT_CODEC, CacheLayout
+from cache_server.format.layout import (
+    CODEC_PRESETS,
+    DEFAULT_CODEC,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS,
+    CacheLayout,
+)
 
 __all__ = [
     "FORMAT_NAME",
-    "FORMAT_VERSION",
     "MANIFEST_NAME",
     "manifest_bytes",
     "parse_manifest",
@@ -31,17 +36,17 @@ __all__ = [
     "read_manifest_bytes",
     "load_manifest",
     "layout_from_manifest",
+    "format_fields",
 ]
 
 FORMAT_NAME = "kdcache"
-FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
 # Array names become path components (and URL parts on the server): no separators, no dot-files.
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_POSITIVE_INT_FIELDS = ("num_sequences", "seq_len", "topk", "vocab_size", "shard_seqs", "chunk_seqs", "num_shards")
-_OPTIONAL_STR_FIELDS = ("codec", "tool_version", "created_at", "alignment", "dataset_fingerprint")
+_POSITIVE_INT_FIELDS = ("num_sequences", "seq_len", "vocab_size", "shard_seqs", "chunk_seqs", "num_shards")
+_OPTIONAL_STR_FIELDS = ("codec", "logprob_codec", "tool_version", "created_at", "alignment", "dataset_fingerprint")
 _OPTIONAL_DICT_FIELDS = ("layout", "build_args", "stats", "teacher", "dataset", "tokenizer")
 
 
@@ -162,6 +167,29 @@ def layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
                          "the cache is damaged: copy it again from an intact source or rebuild it") from exc
 
 
+def _target_fields(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The layout's target-kind fields from the manifest's ``targets`` object (absent: a top-k cache)."""
+    targets = manifest.get("targets")
+    if targets is None or targets.get("kind") == "topk":
+        return {}
+    return {
+        "targets": str(targets["kind"]),
+        "samples": int(targets["samples"]),
+        "sample_slots": int(targets["slots"]),
+        "sample_temperature": float(targets["sample_temperature"]),
+        "sample_logprobs": "sample_logprobs" in manifest["arrays"],
+    }
+
+
+def _logprob_dtype(manifest: Mapping[str, Any]) -> str:
+    """The stored log-prob dtype (a sample cache without sample_logprobs records it only in ``layout``)."""
+    arrays = manifest["arrays"]
+    for name in ("topk_logprobs", "sample_logprobs"):
+        if name in arrays:
+            return str(arrays[name]["dtype"])
+    return str((manifest.get("layout") or {}).get("logprob_dtype", "float16"))
+
+
 def _layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
     return CacheLayout(
         num_sequences=int(manifest["num_sequences"]),
@@ -169,11 +197,23 @@ def _layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
         topk=int(manifest["topk"]),
         vocab_size=int(manifest["vocab_size"]),
         temperatures=tuple(float(t) for t in manifest.get("temperatures", [])),
-        logprob_dtype=str(manifest["arrays"]["topk_logprobs"]["dtype"]),
+        logprob_dtype=_logprob_dtype(manifest),
+        **_target_fields(manifest),
         shard_seqs=int(manifest["shard_seqs"]),
         chunk_seqs=int(manifest["chunk_seqs"]),
         codec=str(manifest.get("codec", DEFAULT_CODEC)),
+        format_version=int(manifest["format_version"]),
+        logprob_codec=str(manifest.get("logprob_codec", "exact")),
     )
+
+
+def format_fields(layout: CacheLayout) -> dict[str, Any]:
+    """The manifest fields that say how shards are stored: ``format_version`` and, only for a lossy log-prob
+    codec, ``logprob_codec`` (an exact cache's manifest keeps the fields it always had)."""
+    fields: dict[str, Any] = {"format_version": layout.format_version}
+    if layout.logprob_codec != "exact":
+        fields["logprob_codec"] = layout.logprob_codec
+    return fields
 
 
 def _no_manifest_error(cache_dir: Path) -> CacheError:
@@ -205,9 +245,10 @@ def _check_format(manifest: Any, source: str) -> None:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CacheError(f"{source} is not a kdcache manifest (missing \"format\": \"{FORMAT_NAME}\")")
     version = manifest.get("format_version")
-    if not _is_int(version) or version != FORMAT_VERSION:
+    if not _is_int(version) or version not in FORMAT_VERSIONS:
+        readable = " and ".join(str(v) for v in FORMAT_VERSIONS)
         raise CacheError(
-            f"{source} has format_version {version!r}, but this kdcache reads only version {FORMAT_VERSION}; "
+            f"{source} has format_version {version!r}, but this kdcache reads only versions {readable}; "
             "upgrade kdcache (pip install -U kdcache) or rebuild the cache with this version"
         )
 
@@ -220,6 +261,9 @@ def _check_field_types(manifest: Mapping[str, Any], source: str) -> None:
         value = manifest[key]
         if not _is_int(value) or value <= 0:
             raise _malformed(source, f"field {key!r} must be a positive integer, got {value!r}")
+    if "topk" not in manifest or not _is_int(manifest["topk"]) or manifest["topk"] < 0:
+        raise _malformed(source, f"field 'topk' must be a non-negative integer, got {manifest.get('topk')!r}")
+    _check_targets_object(manifest.get("targets", {"kind": "topk"}), source)
     for key in _OPTIONAL_STR_FIELDS:
         if key in manifest and not isinstance(manifest[key], str):
             raise _malformed(source, f"field {key!r} must be a string, got {manifest[key]!r}")
@@ -234,7 +278,15 @@ def _check_field_types(manifest: Mapping[str, Any], source: str) -> None:
     for key, value in manifest.get("stats", {}).items():
         if value is not None and not _is_number(value):
             raise _malformed(source, f"stats field {key!r} must be a number, got {value!r}")
+    _check_teachers(manifest.get("teachers", []), source)
     _check_array_table_types(manifest["arrays"], source)
+
+
+def _check_teachers(teachers: Any, source: str) -> None:
+    """``teachers`` (multi-teacher and merged caches only): one object per teacher with its positive weight."""
+    if not isinstance(teachers, list) or not all(
+            isinstance(t, dict) and _is_number(t.get("weight")) and t["weight"] > 0 for t in teachers):
+        raise _malformed(source, "field 'teachers' must be a list of objects, each with a positive 'weight'")
 
 
 def _check_array_table_types(arrays: Any, source: str) -> None:
@@ -246,8 +298,24 @@ def _check_array_table_types(arrays: Any, source: str) -> None:
         if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(entry.get("shape"), list)
                 and all(_is_int(n) and n >= 0 for n in entry["shape"])):
             raise _malformed(source, f"array {name!r} must be {{\"shape\": [ints], \"dtype\": str}}, got {entry!r}")
-    if "topk_logprobs" not in arrays:
-        raise _malformed(source, "its 'arrays' table lacks 'topk_logprobs'")
+    if "topk_logprobs" not in arrays and "sample_ids" not in arrays:
+        raise _malformed(source, "its 'arrays' table has neither 'topk_logprobs' nor 'sample_ids'")
+
+
+_TARGETS_FIELDS = {"kind": str, "samples": int, "slots": int, "sample_temperature": (int, float)}
+
+
+def _check_targets_object(targets: Any, source: str) -> None:
+    """The ``targets`` object: present only for kinds other than topk, with typed fields (the layout checks
+    their values)."""
+    if not isinstance(targets, dict):
+        raise _malformed(source, f"field 'targets' must be an object, got {type(targets).__name__}")
+    if targets.get("kind") == "topk":
+        return
+    for key, kind in _TARGETS_FIELDS.items():
+        value = targets.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise _malformed(source, f"targets.{key} must be a {getattr(kind, '__name__', 'number')}, got {value!r}")
 
 
 def _check_arrays(manifest: Mapping[str, Any], layout: CacheLayout, source: str) -> None:

@@ -8,6 +8,13 @@ Shape notation::
 A stored shard file is a Zarr v3 ``sharding_indexed`` chunk: the inner chunks (C sequences each, compressed
 by the cache's codec preset) followed by the shard index (one little-endian uint64 (offset, nbytes) pair per
 inner chunk, then the crc32c of those pairs). docs/FORMAT.md gives the byte layout.
+
+Format v2 stores the slot groups (``topk_ids`` + ``topk_logprobs``, ``sample_ids`` + ``sample_counts`` +
+``sample_logprobs``) by ascending id, the ids delta-coded by Zarr's ``numcodecs.delta`` filter
+(``cache_server.format.slots``). :func:`write_shard` takes the arrays in any slot order and stores that form;
+:func:`decode_shard` returns the canonical order again, reading the stored shard of the array that orders the
+group as a companion (:func:`decode_inputs` names it); :func:`decode_shard_group` decodes a whole group with
+one sort. Plain Zarr readers get the stored form: pairs (id, value) intact, in ascending-id order.
 """
 
 from __future__ import annotations
@@ -16,30 +23,38 @@ import hashlib
 import os
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
 from cache_server.format.errors import CorruptShardError
-from cache_server.format.layout import CODEC_PRESETS, ArraySpec, CacheLayout
-from cache_server.format.manifest import FORMAT_NAME, FORMAT_VERSION
+from cache_server.format import slots
+from cache_server.format.layout import CODEC_PRESETS, FORMAT_VERSION, ArraySpec, CacheLayout
+from cache_server.format.manifest import FORMAT_NAME
 
 __all__ = [
     "shard_relpath",
     "shard_sha256",
     "GROUP_ATTRIBUTES",
+    "group_attributes",
     "create_arrays",
     "expected_metadata",
     "damaged_metadata",
     "write_shard",
     "verify_shard_bytes",
+    "decode_inputs",
     "decode_shard",
+    "decode_shard_group",
+    "decode_stored_shard",
     "iter_shard_files",
 ]
 
 # The attributes of a cache's root Zarr group (what marks a directory as a kdcache cache to Zarr users).
 GROUP_ATTRIBUTES = {"kdcache": {"format": FORMAT_NAME, "format_version": FORMAT_VERSION}}
+# zarr-python warns that numcodecs filters are outside the Zarr v3 spec; the format documents the one it uses.
+_NUMCODECS_WARNING = "Numcodecs codecs are not in the Zarr version 3 specification"
 _METADATA_NAME = "zarr.json"
 
 # Inner chunks that were never written are marked in the shard index by this (offset, nbytes) pair.
@@ -55,6 +70,20 @@ def shard_relpath(array: str, shard_index: int, ndim: int) -> str:
 def shard_sha256(data: bytes | memoryview) -> str:
     """Lowercase hex sha256 of a stored shard file's bytes (what the manifest records)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def group_attributes(layout: CacheLayout) -> dict[str, Any]:
+    """The root group's attributes of a cache with ``layout`` (its format version: 1 for a v1 cache)."""
+    return {"kdcache": {"format": FORMAT_NAME, "format_version": layout.format_version}}
+
+
+def _zarr_filters(layout: CacheLayout, spec: ArraySpec):
+    """The array-to-array filters of an array: Zarr's delta over the chunk for v2 slot-group ids, else none."""
+    if not slots.delta_coded(layout, spec.name):
+        return None
+    from zarr.codecs.numcodecs import Delta
+
+    return [Delta(dtype=spec.dtype.str)]
 
 
 def _zarr_compressors(codec: str):
@@ -79,17 +108,20 @@ def create_arrays(cache_dir: str | os.PathLike, layout: CacheLayout, attributes:
     group = zarr.open_group(str(cache_dir), mode="a", attributes=dict(attributes or {}))
     compressors = _zarr_compressors(layout.codec)
     for spec in layout.arrays():
-        shape = spec.shape(layout.num_sequences)
-        group.create_array(
-            spec.name,
-            shape=shape,
-            dtype=spec.dtype,
-            chunks=(layout.chunk_seqs, *spec.trailing_shape),
-            shards=(layout.shard_seqs, *spec.trailing_shape),
-            compressors=compressors,
-            fill_value=0,
-            config={"write_empty_chunks": True},
-        )
+        stored = slots.stored_spec(layout, spec)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NUMCODECS_WARNING)
+            group.create_array(
+                stored.name,
+                shape=stored.shape(layout.num_sequences),
+                dtype=stored.dtype,
+                chunks=(layout.chunk_seqs, *stored.trailing_shape),
+                shards=(layout.shard_seqs, *stored.trailing_shape),
+                filters=_zarr_filters(layout, stored),
+                compressors=compressors,
+                fill_value=0,
+                config={"write_empty_chunks": True},
+            )
     return group
 
 
@@ -100,7 +132,7 @@ def expected_metadata(layout: CacheLayout) -> dict[str, bytes]:
     made again here, in a temporary directory, to be compared with (or to replace) a cache's own.
     """
     with tempfile.TemporaryDirectory(prefix="kdcache-metadata-") as tmp:
-        create_arrays(tmp, layout, attributes=GROUP_ATTRIBUTES)
+        create_arrays(tmp, layout, attributes=group_attributes(layout))
         return {path.relative_to(tmp).as_posix(): path.read_bytes() for path in sorted(Path(tmp).rglob(_METADATA_NAME))}
 
 
@@ -132,10 +164,14 @@ def write_shard(
 
     The caller must be the only writer of this shard index (whole-shard writes are safe; partial writes
     from two processes lose data, zarr-python #3682). Returns checksums of the bytes actually on disk.
+    Slot-group arrays may come in any slot order (format v2 stores them by id; readers get canonical order).
     """
     import zarr
 
     start, stop = layout.shard_range(shard_index)
+    for spec in layout.arrays():
+        _check_shard_array(spec, arrays, shard_index, stop - start)
+    stored_arrays = slots.stored_form(layout, arrays)
     group = zarr.open_group(str(cache_dir), mode="r+")
     checksums: dict[str, dict[str, Any]] = {}
     for spec in layout.arrays():
@@ -147,16 +183,26 @@ def write_shard(
         if path.parent.exists():
             for leftover in path.parent.glob(f"{path.name}.*.partial"):
                 leftover.unlink(missing_ok=True)
-        data = np.asarray(arrays[spec.name])
-        expected = spec.shape(stop - start)
-        if data.shape != expected:
-            raise ValueError(f"shard {shard_index}: array {spec.name} has shape {data.shape}, expected {expected}")
-        if data.dtype != spec.dtype:
-            raise ValueError(f"shard {shard_index}: array {spec.name} has dtype {data.dtype}, expected {spec.dtype}")
-        group[spec.name][start:stop] = data
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NUMCODECS_WARNING)
+            # write_empty_chunks: zarr skips a chunk whose values all equal the fill value (a mixture's lse is 0
+            # everywhere, a T = 1 cache's seq_nll too), and the create-time setting is not persisted; every
+            # shard file must exist for the manifest's checksums.
+            group[spec.name].with_config({"write_empty_chunks": True})[start:stop] = stored_arrays[spec.name]
         raw = path.read_bytes()
         checksums[spec.name] = {"sha256": shard_sha256(raw), "nbytes": len(raw)}
     return checksums
+
+
+def _check_shard_array(spec: ArraySpec, arrays: Mapping[str, np.ndarray], shard_index: int, rows: int) -> None:
+    if spec.name not in arrays:
+        raise ValueError(f"shard {shard_index}: array {spec.name} is missing (every array of the layout is written)")
+    data = np.asarray(arrays[spec.name])
+    expected = spec.shape(rows)
+    if data.shape != expected:
+        raise ValueError(f"shard {shard_index}: array {spec.name} has shape {data.shape}, expected {expected}")
+    if data.dtype != spec.dtype:
+        raise ValueError(f"shard {shard_index}: array {spec.name} has dtype {data.dtype}, expected {spec.dtype}")
 
 
 def verify_shard_bytes(
@@ -195,19 +241,117 @@ def _chunk_decoder(codec: str):
     return codec_obj.decode
 
 
+def decode_inputs(layout: CacheLayout, array: str) -> tuple[str, ...]:
+    """The arrays whose stored shards :func:`decode_shard` reads to decode ``array``, ``array`` first.
+
+    Format v2 slot-group members need the stored shard of the array that orders their group
+    (``topk_ids`` needs ``topk_logprobs``; ``sample_ids`` and ``sample_logprobs`` need ``sample_counts``); every
+    other array (and every array of a v1 cache) decodes from its own bytes.
+    """
+    group = slots.slot_group(layout, array)
+    if group is None or array == group.order_by:
+        return (array,)
+    return (array, group.order_by)
+
+
 def decode_shard(
     raw: bytes | memoryview,
     spec: ArraySpec,
     layout: CacheLayout,
     shard_index: int,
     out: np.ndarray | None = None,
+    *,
+    companions: Mapping[str, bytes | memoryview] | None = None,
 ) -> np.ndarray:
     """Decode one stored shard file into a C-contiguous array of shape [n, *trailing] (n ≤ S).
 
     Reads the shard index at the end (uint64 offset/nbytes pairs, little-endian, then crc32c), checks it,
     and decompresses each inner chunk straight into the output buffer. Far cheaper than going through
     zarr's async machinery per chunk, and used once per shard (decoded shards are kept memory-mapped).
+    A format v2 slot-group array comes out in canonical order (docs/FORMAT.md).
+
+    Args:
+        raw: the stored shard file's bytes (checked against the manifest by the caller).
+        spec: the array's (decoded) spec, from ``layout.arrays()``.
+        layout: the cache's layout.
+        shard_index: which shard.
+        out: C-contiguous [n, *trailing] buffer of ``spec.dtype`` to decode into (default: a new array).
+        companions: ``{name: stored shard bytes}`` of the other arrays :func:`decode_inputs` names, for the
+            same shard (checked by the caller like ``raw``).
+
+    Raises:
+        CorruptShardError: the bytes do not decode.
+        ValueError: a companion the array needs is missing.
     """
+    needed = decode_inputs(layout, spec.name)
+    if len(needed) == 1 and slots.slot_group(layout, spec.name) is None:
+        return _decode_stored(raw, spec, layout, shard_index, out)
+    missing = [name for name in needed[1:] if name not in (companions or {})]
+    if missing:
+        raise ValueError(
+            f"decoding {spec.name!r} of a format v{layout.format_version} cache needs the stored shard of "
+            f"{missing} too (its slots are stored by id): pass companions={{name: bytes}} for the arrays "
+            "format.decode_inputs names"
+        )
+    raws = {spec.name: raw, **{name: (companions or {})[name] for name in needed[1:]}}
+    return decode_shard_group(raws, layout, shard_index, outs={spec.name: out})[spec.name]
+
+
+def decode_shard_group(
+    raws: Mapping[str, bytes | memoryview],
+    layout: CacheLayout,
+    shard_index: int,
+    outs: Mapping[str, np.ndarray | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Decode several arrays of one format v2 slot group for one shard, sorting each position once.
+
+    Args:
+        raws: ``{name: stored shard bytes}``; must include the group's ordering array (``decode_inputs``).
+        layout: the cache's layout.
+        shard_index: which shard.
+        outs: ``{name: C-contiguous buffer or None}`` of the arrays to produce (default: every name in ``raws``).
+
+    Returns:
+        ``{name: decoded [n, *trailing]}`` for the names of ``outs``, in canonical slot order.
+    """
+    specs = {spec.name: spec for spec in layout.arrays()}
+    group = slots.slot_group(layout, next(iter(raws)))
+    if group is None or any(slots.slot_group(layout, name) != group for name in raws):
+        raise ValueError(f"arrays {sorted(raws)} are not all members of one format v2 slot group")
+    if group.order_by not in raws:
+        raise ValueError(f"decoding slot group {group.name!r} needs the stored shard of {group.order_by!r}")
+    outs = dict(outs) if outs is not None else dict.fromkeys(raws)
+    start, stop = layout.shard_range(shard_index)
+    stored = {name: _decode_stored(raw, slots.stored_spec(layout, specs[name]), layout, shard_index)
+              for name, raw in raws.items()}
+    rows = (stop - start) * layout.seq_len
+    result = {}
+    for name, buf in outs.items():
+        spec = specs[name]
+        if buf is None:
+            buf = np.empty(spec.shape(stop - start), dtype=spec.dtype)
+        if not buf.flags.c_contiguous:
+            raise ValueError(f"the output buffer for {name!r} must be C-contiguous")
+        result[name] = buf
+    slots.from_storage(
+        layout, group, {name: a.reshape(rows, -1) for name, a in stored.items()},
+        {name: buf.reshape(rows, -1) for name, buf in result.items()},
+    )
+    return result
+
+
+def decode_stored_shard(raw: bytes | memoryview, spec: ArraySpec, layout: CacheLayout, shard_index: int) -> np.ndarray:
+    """The array as stored, i.e. what plain Zarr reads (format v2 slot groups by ascending id, q8 as uint8).
+
+    Needs no companion: for checking that a shard file decodes (``kdcache verify``), not for training data.
+    """
+    return _decode_stored(raw, slots.stored_spec(layout, spec), layout, shard_index)
+
+
+def _decode_stored(
+    raw: bytes | memoryview, spec: ArraySpec, layout: CacheLayout, shard_index: int, out: np.ndarray | None = None
+) -> np.ndarray:
+    """The array as stored (``spec`` is the stored spec): the inner chunks decompressed, the delta filter undone."""
     import crc32c
 
     start, stop = layout.shard_range(shard_index)
@@ -228,6 +372,7 @@ def decode_shard(
     flat = out.reshape(rows, -1) if spec.trailing_shape else out.reshape(rows, 1)
     row_items = flat.shape[1]
     decode = _chunk_decoder(layout.codec)
+    undelta = slots.delta_coded(layout, spec.name)
     chunk_rows = layout.chunk_seqs
     for c in range(chunks_per_shard):
         lo = c * chunk_rows
@@ -248,6 +393,11 @@ def decode_shard(
         chunk = np.frombuffer(decoded, dtype=spec.dtype.newbyteorder("<"))
         if chunk.size != chunk_rows * row_items:
             raise CorruptShardError(spec.name, shard_index, f"inner chunk {c} decoded to {chunk.size} items")
+        if undelta and hi - lo == chunk_rows:  # numcodecs.delta over the flattened chunk, wrapping in the dtype
+            np.cumsum(chunk, dtype=spec.dtype, out=flat[lo:hi].reshape(-1))
+            continue
+        if undelta:
+            chunk = np.cumsum(chunk, dtype=spec.dtype)
         flat[lo:hi] = chunk.reshape(chunk_rows, row_items)[: hi - lo]
     return out
 

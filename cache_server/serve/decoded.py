@@ -64,13 +64,20 @@ class DecodedShardLRU:
 
     @staticmethod
     def _decode(cache: RegisteredCache, array: str, shard_index: int) -> np.ndarray:
-        path = cache.shard_path(array, shard_index)
-        try:
-            raw = path.read_bytes()
-        except FileNotFoundError:
-            raise MissingShardError(array, shard_index, "the shard file is missing on the server",
-                                    where=f"cache {cache.name!r}") from None
-        fmt.verify_shard_bytes(raw, cache.shard_entry(array, shard_index), array, shard_index)
-        decoded = fmt.decode_shard(raw, cache.specs[array], cache.layout, shard_index)
+        # Format v2: a slot-group array also needs the stored shard that orders its group (decode_inputs).
+        raws = {name: _stored_bytes(cache, name, shard_index) for name in fmt.decode_inputs(cache.layout, array)}
+        decoded = fmt.decode_shard(raws[array], cache.specs[array], cache.layout, shard_index, companions=raws)
         decoded.setflags(write=False)
         return decoded
+
+
+def _stored_bytes(cache: RegisteredCache, array: str, shard_index: int) -> bytes:
+    """A stored shard's bytes from the server's disk, checked against the manifest's sha256."""
+    path = cache.shard_path(array, shard_index)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise MissingShardError(array, shard_index, "the shard file is missing on the server",
+                                where=f"cache {cache.name!r}") from None
+    fmt.verify_shard_bytes(raw, cache.shard_entry(array, shard_index), array, shard_index)
+    return raw

@@ -13,7 +13,7 @@ from typing import Any
 from kdlib.data.cache import CacheReader, LocalCache
 from kdlib.data.remote import RemoteCache
 
-__all__ = ["open_cache"]
+__all__ = ["open_cache", "as_cache"]
 
 
 def open_cache(path_or_url: str | os.PathLike, **kwargs: Any) -> CacheReader:
@@ -33,3 +33,14 @@ def open_cache(path_or_url: str | os.PathLike, **kwargs: Any) -> CacheReader:
     if isinstance(text, str) and text.startswith(("http://", "https://")):
         return RemoteCache(text, **kwargs)
     return LocalCache(text, **kwargs)
+
+
+def as_cache(cache: Any, open_kwargs: Any = None) -> Any:
+    """``cache`` itself when it is already open, else ``open_cache(cache, **open_kwargs)`` for a path or URL.
+
+    The one rule for APIs that take "a cache or where to find one" (loaders, scoring); an open cache is
+    passed through unchanged (worker processes receive it by pickling).
+    """
+    if isinstance(cache, (str, os.PathLike)):
+        return open_cache(cache, **dict(open_kwargs or {}))
+    return cache

@@ -31,6 +31,7 @@ import numpy as np
 from cache_server import format as fmt
 from cache_server.format import CacheError
 from cache_server.format import decoded as decoded_fmt
+from cache_server.format import slots
 from kdlib.data.sources import ShardSource
 
 __all__ = ["DecodedShardStore"]
@@ -133,7 +134,7 @@ class DecodedShardStore:
             if cached is not None:
                 self._maps.move_to_end(key)
                 return cached
-        future = self._inflight.get(key)
+        future = self._inflight.get(self._decode_key(array, shard_index))
         if future is not None:
             # A background decode of this very shard is under way: its error is this read's error.
             future.result()
@@ -175,35 +176,57 @@ class DecodedShardStore:
             self._maps.pop((array, shard_index), None)
 
     def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
-        spec = self.specs[array]
-        ndim = 1 + len(spec.trailing_shape)
-        raw = self.source.read_shard(array, shard_index, ndim)
-        expected = self.manifest["shards"][array][shard_index]
-        fmt.verify_shard_bytes(raw, expected, array, shard_index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        """Decode a shard into its copy at ``path``; a format v2 slot group is decoded whole (one sort per
+        position), and the copies of its other members that are not on disk yet are published too."""
+        targets = [array] + [name for name in slots.group_arrays(self.layout, array)[1:]
+                             if not self.is_decoded(name, shard_index)]
+        inputs = dict.fromkeys([*targets, *fmt.decode_inputs(self.layout, array)])
+        raws = {name: self._stored_bytes(name, shard_index) for name in inputs}
         start, stop = self.layout.shard_range(shard_index)
         self._remove_stale_tmp_files()
-        # Decode straight into the file's memory map: one pass, no intermediate buffer.
-        out = decoded_fmt.create_decoded_copy(tmp, spec.dtype, spec.shape(stop - start))
+        tmps = {name: self._tmp_path(self.path(name, shard_index)) for name in targets}
+        outs: dict[str, np.ndarray] = {}
         try:
             try:
-                _allocate(tmp)  # a full disk is a clean OSError here, not a SIGBUS while writing the map
-                fmt.decode_shard(raw, spec, self.layout, shard_index, out=out)
-                out.flush()  # msync: the data is on disk before the checksum is taken and the rename
+                for name, tmp in tmps.items():
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    # Decode straight into the file's memory map: one pass, no intermediate buffer.
+                    spec = self.specs[name]
+                    outs[name] = decoded_fmt.create_decoded_copy(tmp, spec.dtype, spec.shape(stop - start))
+                    _allocate(tmp)  # a full disk is a clean OSError here, not a SIGBUS while writing the map
+                if len(raws) == 1 and slots.slot_group(self.layout, array) is None:
+                    fmt.decode_shard(raws[array], self.specs[array], self.layout, shard_index, out=outs[array])
+                else:
+                    fmt.decode_shard_group(raws, self.layout, shard_index, outs=outs)
+                for name in outs:
+                    outs[name].flush()  # msync: the data is on disk before the checksum is taken and the rename
             finally:
-                del out  # unmap before the checksum and the rename
-            decoded_fmt.publish_decoded_copy(tmp, path)
+                outs.clear()  # unmap before the checksum and the rename
+            for name, tmp in tmps.items():
+                decoded_fmt.publish_decoded_copy(tmp, self.path(name, shard_index))
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            for tmp in tmps.values():
+                tmp.unlink(missing_ok=True)
             raise
-        try:
-            self._known_good.add(decoded_fmt.file_identity(path))  # written here: no need to check it again
-        except FileNotFoundError:
-            pass  # evicted already by another process; the map attempt decodes again
-        self._touched_s[(array, shard_index)] = time.monotonic()
+        for name in targets:
+            try:  # written here: no need to check it again
+                self._known_good.add(decoded_fmt.file_identity(self.path(name, shard_index)))
+            except FileNotFoundError:
+                pass  # evicted already by another process; the map attempt decodes again
+            self._touched_s[(name, shard_index)] = time.monotonic()
         if self.max_bytes is not None:
             self._evict(keep=path)
+
+    def _stored_bytes(self, array: str, shard_index: int) -> bytes:
+        """A stored shard's bytes from the source, checked against the manifest's sha256."""
+        ndim = 1 + len(self.specs[array].trailing_shape)
+        raw = self.source.read_shard(array, shard_index, ndim)
+        fmt.verify_shard_bytes(raw, self.manifest["shards"][array][shard_index], array, shard_index)
+        return raw
+
+    @staticmethod
+    def _tmp_path(path: Path) -> Path:
+        return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
 
     def _remove_stale_tmp_files(self, max_age_s: float = 3600.0) -> None:
         """Once per process: delete temporary files that a killed decoder left (decodes take well under a
@@ -226,7 +249,7 @@ class DecodedShardStore:
         self._check_process()
         if not 0 <= shard_index < self.layout.num_shards or self.is_decoded(array, shard_index):
             return
-        key = (array, shard_index)
+        key = self._decode_key(array, shard_index)
         with self._inflight_lock:
             if key in self._inflight:
                 return
@@ -236,6 +259,11 @@ class DecodedShardStore:
             future = self._executor.submit(self._prefetch_one, array, shard_index)
             self._inflight[key] = future
         future.add_done_callback(lambda _f, key=key: self._inflight.pop(key, None))
+
+    def _decode_key(self, array: str, shard_index: int) -> tuple[str, int]:
+        """What one decode produces: a format v2 slot group is decoded whole, so its members share a key."""
+        group = slots.slot_group(self.layout, array)
+        return (f"group:{group.name}" if group is not None else array, shard_index)
 
     def _prefetch_one(self, array: str, shard_index: int) -> None:
         # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.

@@ -90,11 +90,11 @@ class KDTrainer(Trainer):
     def _teacher_batch(self, inputs: Mapping[str, Any], device: torch.device) -> tuple[dict, dict, bool]:
         """(student inputs, teacher batch, whether the student's tokens must be compared with the teacher's)."""
         student_inputs, teacher = split_teacher_batch(inputs)
-        looked_up_by_index = "topk_ids" not in teacher
+        looked_up_by_index = "topk_ids" not in teacher and "sample_ids" not in teacher  # no teacher targets yet
         if looked_up_by_index:
             if self.kd_cache is None or self.index_key not in inputs:
                 raise ValueError(
-                    f"KDTrainer: the batch has neither teacher top-k ('topk_ids') nor cache sequence indices "
+                    f"KDTrainer: the batch has neither teacher targets ('topk_ids' / 'sample_ids') nor cache sequence indices "
                     f"({self.index_key!r}); keys: {sorted(inputs)}. Train on kdlib.CacheDataset(cache), or give "
                     f"rows a {self.index_key!r} entry and pass KDTrainer(..., cache=cache)")
             indices = torch.as_tensor(inputs[self.index_key]).cpu().numpy()

@@ -3,12 +3,16 @@
 Shape notation::
 
     B  sequences per batch   T  positions per sequence   V  student vocabulary   K  teacher top-k
+    W  sample slots (sampled and hybrid caches)
 
 * :func:`kd_step_loss` — runs the student on the batch's OWN ``input_ids`` and returns (KD + CE loss, logits):
   the student cannot see other tokens than the teacher did, so no shift can happen.
 * :func:`distill_loss` — ``check_alignment`` + ``kd_loss_from_batch`` for logits you computed yourself. By
   default it checks the VOCABULARY only (sizes, and thereby the top-k ids); your tokens are compared with the
   cache's only when you pass ``student_input_ids=``.
+
+Both take every target kind of a cache (top-k, sampled, hybrid): ``kd_loss_from_batch`` picks it from the
+batch's keys (``topk_*`` only, ``sample_*`` only, or both) and reads ``sample_temperature`` and the lse keys.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import torch
 from kdlib.alignment import check_alignment
 from kdlib.batch import DEFAULT_IGNORE_INDEX, batch_labels, student_input_ids
 
-__all__ = ["kd_step_loss", "distill_loss", "logits_of", "TEACHER_KEYS", "split_teacher_batch"]
+__all__ = ["kd_step_loss", "distill_loss", "logits_of", "TEACHER_KEYS", "split_teacher_batch", "model_device"]
 
 # Batch entries that belong to the teacher side (never passed to the student model).
-TEACHER_KEYS = ("topk_ids", "topk_logprobs", "lse", "labels", "sample_indices", "teacher_vocab_size")
+TEACHER_KEYS = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs", "sample_temperature",
+                "lse", "labels", "sample_indices", "teacher_vocab_size")
 
 
 def split_teacher_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -53,8 +58,11 @@ def logits_of(outputs: Any) -> torch.Tensor:
     return logits
 
 
-def _model_device(model: Any) -> torch.device | None:
-    """Where the model's first parameter lives; None for a model without parameters (inputs stay put)."""
+def model_device(model: Any, device: torch.device | str | None = None) -> torch.device | None:
+    """``device`` when given, else where the model's first parameter lives; None for a model without
+    parameters (inputs stay put)."""
+    if device is not None:
+        return torch.device(device)
     parameters = getattr(model, "parameters", None)
     first = next(iter(parameters()), None) if callable(parameters) else None
     return first.device if first is not None else None
@@ -73,7 +81,9 @@ def kd_step_loss(model: Any, batch: Mapping[str, torch.Tensor], *, model_kwargs:
     Args:
         model: the student, a causal LM: ``model(input_ids [B, T])`` returns logits [B, T, V] (a tensor, a
             tuple starting with them, or a transformers output with ``.logits``). It is called without labels.
-        batch: a cache batch with ``input_ids`` [B, T] and ``topk_ids``/``topk_logprobs`` [B, T, K].
+        batch: a cache batch with ``input_ids`` [B, T] and the targets: ``topk_ids``/``topk_logprobs``
+            [B, T, K], ``sample_ids``/``sample_counts``/``sample_logprobs`` [B, T, W] + ``sample_temperature``,
+            or both (hybrid).
         model_kwargs: extra keyword arguments for the model call (e.g. ``{"use_cache": False}``).
         **loss_kwargs: ``kdlib.kd_loss`` options (``ce_weight``, ``temperature``, ``divergence``,
             ``ignore_index``...) and ``allow_padded_vocab``.
@@ -96,7 +106,7 @@ def kd_step_loss(model: Any, batch: Mapping[str, torch.Tensor], *, model_kwargs:
     if "labels" in loss_kwargs:
         raise ValueError("kd_step_loss takes the labels from the batch (the tokens it feeds the student); to "
                          "pass labels of your own, call the student yourself and use kdlib.kd_loss_from_batch")
-    ids = student_input_ids(batch, _model_device(model))  # [B, T] int64
+    ids = student_input_ids(batch, model_device(model))  # [B, T] int64
     logits = logits_of(model(ids, **dict(model_kwargs or {})))  # [B, T, V]
     if tuple(logits.shape[:-1]) != tuple(ids.shape):
         raise ValueError(f"the model returned logits of shape {tuple(logits.shape)} for input_ids of shape "

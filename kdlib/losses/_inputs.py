@@ -18,7 +18,8 @@ import torch
 from .options import KDLossOptions
 from .sparse_math import TAIL_FLOOR
 
-__all__ = ["FlatInputs", "flatten_targets", "teacher_side", "reduce_rows"]
+__all__ = ["FlatInputs", "flatten_targets", "teacher_side", "tempered_logprobs", "reduce_rows", "flat_labels",
+           "range_errors"]
 
 
 @dataclasses.dataclass
@@ -34,6 +35,11 @@ class FlatInputs:
     teacher_lse: torch.Tensor | None  # [N]
     teacher_lse_at_temperature: torch.Tensor | None  # [N]
     lead_shape: torch.Size
+
+    @property
+    def support_ids(self) -> torch.Tensor:
+        """[N, K] the ids whose gradient entries the backward writes as complete values."""
+        return self.topk_ids
 
     def rows(self, start: int, stop: int) -> FlatInputs:
         """Rows [start, stop) as views (a chunk of :func:`kdlib.kd_loss_from_hidden`)."""
@@ -72,7 +78,7 @@ def _check_topk(topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, lead: tuple
                          f"student logits on {device}; move the batch to the student's device")
 
 
-def _flat_labels(labels: torch.Tensor | None, lead: tuple, n: int, device: torch.device,
+def flat_labels(labels: torch.Tensor | None, lead: tuple, n: int, device: torch.device,
                  options: KDLossOptions) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Labels [N] int64 (None without labels) and the valid mask [N]."""
     if labels is None:
@@ -87,8 +93,8 @@ def _flat_labels(labels: torch.Tensor | None, lead: tuple, n: int, device: torch
     return flat_labels, flat_labels != options.ignore_index
 
 
-def _range_errors(ids: torch.Tensor, labels: torch.Tensor | None, valid: torch.Tensor, vocab: int,
-                  ignore_index: int) -> None:
+def range_errors(ids: torch.Tensor, labels: torch.Tensor | None, valid: torch.Tensor, vocab: int,
+                 ignore_index: int, name: str = "topk_ids") -> None:
     """Raise for ids or labels outside [0, V). Reductions stay on the device; the single ``.item()`` is
     the only synchronization, the messages are built (with more reads) only when something is wrong."""
     lo, hi = torch.aminmax(ids)
@@ -99,7 +105,7 @@ def _range_errors(ids: torch.Tensor, labels: torch.Tensor | None, valid: torch.T
         return
     if int(lo) < 0 or int(hi) >= vocab:
         raise ValueError(
-            f"topk_ids contains ids outside [0, V={vocab}) (min {int(lo)}, max {int(hi)}); the cache was built "
+            f"{name} contains ids outside [0, V={vocab}) (min {int(lo)}, max {int(hi)}); the cache was built "
             "with a different vocabulary than the student's, or the ids were not decoded")
     raise ValueError(f"labels contain values outside [0, V={vocab}) that are not ignore_index={ignore_index}")
 
@@ -134,6 +140,7 @@ def flatten_targets(
     teacher_lse_at_temperature: torch.Tensor | None,
     options: KDLossOptions,
     validate: bool = True,
+    need_lse: bool | None = None,
 ) -> FlatInputs:
     """Check shapes/dtypes/ranges against the student's leading dims ``lead`` and vocabulary ``vocab`` and
     flatten every [..., X] target to [N, X]. Raises ValueError saying what is wrong and how to fix it.
@@ -141,16 +148,19 @@ def flatten_targets(
     Shape and dtype checks read only metadata. The range checks of ``topk_ids`` and ``labels`` read the
     data: on CUDA they cost ONE host-device synchronization per call (both reduced on the device, one
     ``.item()``); ``validate=False`` skips them (out-of-range ids then give undefined results or a device
-    assert instead of a clear error)."""
+    assert instead of a clear error). ``need_lse`` False leaves the teacher's lse pair to the caller (hybrid
+    targets check and flatten it themselves); None: ``options.needs_teacher_lse`` decides."""
     lead, vocab = tuple(lead), int(vocab)
     _check_topk(topk_ids, topk_logprobs, lead, vocab, device)
     n, k = math.prod(lead), topk_ids.shape[-1]
     ids = topk_ids.reshape(n, k).to(torch.int64)  # widen on the device (uint16/int32 from the cache)
-    flat_labels, valid = _flat_labels(labels, lead, n, device, options)
+    flat_labels_, valid = flat_labels(labels, lead, n, device, options)
     if validate and n > 0:
-        _range_errors(ids, flat_labels, valid, vocab, options.ignore_index)
-    flat_lse, flat_lse_t = _flat_teacher_lse(teacher_lse, teacher_lse_at_temperature, lead, n, device, options)
-    safe_labels = torch.where(valid, flat_labels, 0) if flat_labels is not None else torch.zeros_like(
+        range_errors(ids, flat_labels_, valid, vocab, options.ignore_index)
+    flat_lse, flat_lse_t = None, None
+    if need_lse is not False:
+        flat_lse, flat_lse_t = _flat_teacher_lse(teacher_lse, teacher_lse_at_temperature, lead, n, device, options)
+    safe_labels = torch.where(valid, flat_labels_, 0) if flat_labels_ is not None else torch.zeros_like(
         valid, dtype=torch.int64)
     return FlatInputs(
         topk_ids=ids,
@@ -176,15 +186,23 @@ def teacher_side(flat: FlatInputs, options: KDLossOptions, dtype: torch.dtype):
     lp = flat.topk_logprobs.to(dtype)  # [N, K]
     if options.tail == "renormalize":
         return torch.log_softmax(lp / tau, dim=-1), None
-    if tau == 1.0:
-        logq = lp
-    else:
-        logq = (lp + flat.teacher_lse.to(dtype).unsqueeze(-1)) / tau - flat.teacher_lse_at_temperature.to(
-            dtype).unsqueeze(-1)
+    logq = tempered_logprobs(lp, flat.teacher_lse, flat.teacher_lse_at_temperature, tau)
     if options.tail != "bucket":
         return logq, None
     tail_mass = -torch.expm1(torch.logsumexp(logq, dim=-1))  # [N]
     return logq, tail_mass.clamp_min(TAIL_FLOOR).log()
+
+
+def tempered_logprobs(logprobs: torch.Tensor, lse: torch.Tensor | None, lse_t: torch.Tensor | None,
+                      temperature: float) -> torch.Tensor:
+    """Exact teacher log-probs at temperature t from stored ones at 1: log p^t = (ℓ + L)/t − L_t, [N, X].
+
+    ``logprobs`` [N, X] (ℓ, full-vocabulary log-probs at t = 1), ``lse`` [N] (L = logsumexp(logits)),
+    ``lse_t`` [N] (L_t = logsumexp(logits / t)); at t = 1 this is ℓ itself and the lse are not read.
+    """
+    if temperature == 1.0:
+        return logprobs
+    return (logprobs + lse.to(logprobs.dtype).unsqueeze(-1)) / temperature - lse_t.to(logprobs.dtype).unsqueeze(-1)
 
 
 def reduce_rows(rows: torch.Tensor, valid: torch.Tensor, reduction: str, lead_shape) -> torch.Tensor:

@@ -1,7 +1,12 @@
 """Public sparse-KD loss API: :func:`kd_loss`, :class:`KDLoss`, :func:`kd_loss_from_batch`.
 
 Shape notation:
-    B: batch, T: sequence length, V: vocabulary, K: teacher top-k; [...] any leading dims (N = their product).
+    B: batch, T: sequence length, V: vocabulary, K: teacher top-k, W: sample slots; [...] any leading dims
+    (N = their product).
+
+One call for the three target kinds of a cache (issue 10): top-k (``topk_ids``/``topk_logprobs``), sampled
+(``sample_ids``/``sample_counts``/``sample_logprobs``) and hybrid (both: an exact head plus samples from the
+rest); the kind is picked from what is given (:func:`kdlib.losses.targets.target_kind`).
 """
 
 from __future__ import annotations
@@ -11,23 +16,31 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ._inputs import flatten_targets, reduce_rows
+from ._inputs import reduce_rows
 from .backends import resolve_backend
 from .fused import SparseKDFunction
 from .options import KDLossOptions, resolve_options
 from .reference import kd_loss_reference
+from .targets import SampleTargets, flatten_any, sample_temperature_value, target_kind
+from .torch_pass import compute_dtype
 
 __all__ = ["kd_loss", "KDLoss", "kd_loss_from_batch", "lse_key_for_temperature", "reduce_rows"]
 
 
+# long: the docstring is the contract of every divergence, tail and target kind
 def kd_loss(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
     *,
     labels: torch.Tensor | None = None,
     teacher_lse: torch.Tensor | None = None,
     teacher_lse_at_temperature: torch.Tensor | None = None,
+    sample_ids: torch.Tensor | None = None,
+    sample_counts: torch.Tensor | None = None,
+    sample_logprobs: torch.Tensor | None = None,
+    sample_temperature: float | torch.Tensor = 1.0,
+    teacher_lse_sample_temperature: torch.Tensor | None = None,
     options: KDLossOptions | None = None,
     **option_kwargs: Any,
 ) -> torch.Tensor:
@@ -53,6 +66,11 @@ def kd_loss(
     (τ ≠ 1 requires both lse tensors: build the cache with ``--temperatures τ``), softmax(ℓ/τ) over K
     for ``renormalize``. Tail masses are floored at ``sparse_math.TAIL_FLOOR`` (1e-30) before logs.
 
+    Sampled and hybrid targets (``sample_ids`` given; with ``topk_ids`` too it is hybrid): D is an unbiased
+    estimate of forward KL(p_T^τ ‖ q^τ) in value and gradient, from D draws at ``sample_temperature`` τs
+    (importance-weighted when τs ≠ τ); docs/LOSSES.md and :mod:`kdlib.losses.targets` give the estimator.
+    Only ``forward_kl`` (or ``jsd`` with beta 0) has one: other divergences raise. ``tail`` is ignored there.
+
     Args:
         student_logits: [..., V] fp32/bf16/fp16/fp64 logits; accumulated in fp32, grad in this dtype.
         topk_ids: [..., K] any integer dtype (int32/int64/uint16), sorted by teacher log-prob, unique.
@@ -60,6 +78,13 @@ def kd_loss(
         labels: [...] integer targets for CE and for marking ignored positions (``ignore_index``).
         teacher_lse: [...] fp32 teacher logsumexp of raw logits (cache key ``lse``).
         teacher_lse_at_temperature: [...] fp32 teacher logsumexp(logits / τ) (cache key ``lse_t{τ:g}``).
+        sample_ids: [..., W] sampled teacher ids (any integer dtype; slots with count 0 are padding).
+        sample_counts: [..., W] draw counts c_j >= 0 (integer); a valid sampled row needs at least one draw.
+        sample_logprobs: [..., W] exact teacher log-probs of the sampled ids at τ = 1 (needed when τs ≠ τ;
+            with them the value estimates KL, without them soft-target CE: same gradient).
+        sample_temperature: τs the ids were drawn at (a number or the batch's 0-dim tensor), default 1.
+        teacher_lse_sample_temperature: [...] teacher logsumexp(logits / τs) (cache key ``lse_t{τs:g}``),
+            needed when τs ∉ {1, τ}.
         options: a :class:`~kdlib.losses.options.KDLossOptions` (default: every default).
         **option_kwargs: its fields as keywords (replacing those of ``options``; see KDLossOptions for
             each): ``ce_weight``, ``kd_weight``, ``temperature``, ``divergence``, ``tail``, ``tau_squared``,
@@ -69,20 +94,27 @@ def kd_loss(
         Scalar loss (fp32, fp64 for fp64 logits), or [...] per position with ``reduction="none"``.
 
     Raises:
-        ValueError: unknown option, shape mismatch, ids outside [0, V), ce_weight > 0 without labels, or
-            τ ≠ 1 with ``bucket``/``none`` without the teacher's lse pair.
+        ValueError: unknown option, shape mismatch, ids outside [0, V), ce_weight > 0 without labels,
+            τ ≠ 1 with ``bucket``/``none`` without the teacher's lse pair; for sampled / hybrid targets a
+            divergence without unbiased estimator, negative counts, a valid sampled row without draws, or a
+            missing lse / sample_logprobs at a temperature that needs them.
         TypeError: a keyword that is no option of kd_loss.
     """
     options = resolve_options(options, option_kwargs, entry_point="kd_loss")
     if options.backend == "reference":
-        return kd_loss_reference(student_logits, topk_ids, topk_logprobs, labels=labels, teacher_lse=teacher_lse,
-                                 teacher_lse_at_temperature=teacher_lse_at_temperature, options=options)
+        return kd_loss_reference(
+            student_logits, topk_ids, topk_logprobs, labels=labels, teacher_lse=teacher_lse,
+            teacher_lse_at_temperature=teacher_lse_at_temperature, sample_ids=sample_ids,
+            sample_counts=sample_counts, sample_logprobs=sample_logprobs, sample_temperature=sample_temperature,
+            teacher_lse_sample_temperature=teacher_lse_sample_temperature, options=options)
     if not student_logits.is_floating_point():
         raise ValueError(f"student_logits must be a float tensor [..., V], got {student_logits.dtype}")
     vocab = student_logits.shape[-1]
     lead = tuple(student_logits.shape[:-1])
-    flat = flatten_targets(lead, vocab, student_logits.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, options, validate=options.validate)
+    samples = SampleTargets.of(sample_ids, sample_counts, sample_logprobs, sample_temperature,
+                               teacher_lse_sample_temperature)
+    flat = flatten_any(lead, vocab, student_logits.device, compute_dtype(student_logits.dtype), topk_ids,
+                       topk_logprobs, labels, teacher_lse, teacher_lse_at_temperature, samples, options)
     logits = student_logits.reshape(-1, vocab)
     if not logits.is_contiguous():
         logits = logits.contiguous()
@@ -105,21 +137,23 @@ def kd_loss_from_batch(
     options: KDLossOptions | None = None,
     **option_kwargs: Any,
 ) -> torch.Tensor:
-    """:func:`kd_loss` with the teacher tensors taken from a cache-reader batch.
+    """:func:`kd_loss` with the teacher tensors taken from a cache-reader batch, for every target kind.
 
-    Uses ``batch["topk_ids"]``, ``batch["topk_logprobs"]``, ``batch["lse"]`` (teacher_lse),
-    ``batch[f"lse_t{τ:g}"]`` (teacher_lse_at_temperature, only for τ ≠ 1) and ``batch["labels"]`` unless
-    ``labels`` is given. Tensors are moved to the student's device. The options are kd_loss's plus
-    ``allow_padded_vocab`` (a student vocabulary larger than the batch's ``teacher_vocab_size`` passes).
+    The kind follows the batch's keys: ``topk_ids``/``topk_logprobs`` only → top-k; ``sample_ids``/
+    ``sample_counts`` (+ ``sample_logprobs``) only → sampled; both → hybrid. Also used: ``batch["lse"]``
+    (teacher_lse), ``batch[f"lse_t{τ:g}"]`` (teacher_lse_at_temperature, for τ ≠ 1),
+    ``batch["sample_temperature"]`` (τs, a 0-dim tensor) and ``batch[f"lse_t{τs:g}"]`` (when τs ∉ {1, τ}),
+    ``batch["labels"]`` unless ``labels`` is given. Tensors are moved to the student's device. The options are
+    kd_loss's plus ``allow_padded_vocab`` (a student vocabulary larger than the batch's ``teacher_vocab_size``
+    passes).
 
     Raises:
         AlignmentError: the student's vocabulary differs from the cache's teacher's.
-        ValueError: a missing batch key, or what :func:`kd_loss` raises.
+        ValueError: a missing batch key (e.g. the lse at a temperature the cache was not built with: rebuild
+            it with ``--temperatures``), or what :func:`kd_loss` raises.
     """
     options = resolve_options(options, option_kwargs, entry_point="kd_loss_from_batch")
-    for key in ("topk_ids", "topk_logprobs"):
-        if key not in batch:
-            raise ValueError(f"batch has no {key!r} (keys: {sorted(batch)}); pass a batch from the cache reader")
+    kind = _batch_kind(batch)
     # kdlib.batch owns the vocabulary rule (and imports nothing of kdlib.losses); imported on first use so that
     # importing the losses does not load the batch module. A CPU tensor there is read without a device sync.
     from kdlib.batch import check_student_vocab
@@ -135,21 +169,58 @@ def kd_loss_from_batch(
         return torch.as_tensor(value).to(device, non_blocking=True)
 
     temperature = float(options.temperature)
+    # read where the batch made it (the CPU): no device sync
+    sample_temperature = 1.0 if kind == "topk" else sample_temperature_value(batch["sample_temperature"])
     if labels is None:
         labels = get("labels")
     if teacher_lse is None:
         teacher_lse = get("lse")
     if temperature != 1.0 and teacher_lse_at_temperature is None:
-        key = lse_key_for_temperature(temperature)
-        teacher_lse_at_temperature = get(key)
-        if teacher_lse_at_temperature is None and options.needs_teacher_lse:
-            have = sorted(k for k in batch if str(k).startswith("lse_t"))
-            raise ValueError(
-                f"tail={options.tail!r} at temperature={temperature:g} needs batch[{key!r}] but the cache only "
-                f"has {have or 'no tempered lse'}; rebuild the cache with --temperatures {temperature:g} or use "
-                "tail='renormalize'")
+        teacher_lse_at_temperature = get(lse_key_for_temperature(temperature))
+        needed = options.needs_teacher_lse if kind == "topk" else (
+            kind == "hybrid" or "sample_logprobs" in batch or sample_temperature != temperature)
+        if teacher_lse_at_temperature is None and needed:
+            raise ValueError(_missing_lse_message(batch, kind, temperature, options))
+    lse_sample = None
+    if kind != "topk" and sample_temperature not in (1.0, temperature):
+        lse_sample = get(lse_key_for_temperature(sample_temperature))
+        if lse_sample is None:
+            raise ValueError(_missing_lse_message(batch, kind, sample_temperature, options, sampled=True))
     return kd_loss(student_logits, get("topk_ids"), get("topk_logprobs"), labels=labels, teacher_lse=teacher_lse,
-                   teacher_lse_at_temperature=teacher_lse_at_temperature, options=options)
+                   teacher_lse_at_temperature=teacher_lse_at_temperature, sample_ids=get("sample_ids"),
+                   sample_counts=get("sample_counts"), sample_logprobs=get("sample_logprobs"),
+                   sample_temperature=sample_temperature, teacher_lse_sample_temperature=lse_sample,
+                   options=options)
+
+
+def _batch_kind(batch: Mapping[str, Any]) -> str:
+    """The target kind of a cache batch from its keys; ValueError naming what is missing."""
+    pairs = (("topk_ids", "topk_logprobs"), ("sample_ids", "sample_counts"))
+    if not any(first in batch for first, _ in pairs):
+        raise ValueError(f"batch has no 'topk_ids' and no 'sample_ids' (keys: {sorted(batch)}); pass a batch "
+                         "from the cache reader")
+    for first, second in pairs:
+        if first in batch and second not in batch:
+            raise ValueError(f"batch has {first!r} but no {second!r} (keys: {sorted(batch)}); pass a batch from "
+                             "the cache reader")
+    if "sample_ids" in batch and "sample_temperature" not in batch:
+        raise ValueError(f"batch has 'sample_ids' but no 'sample_temperature' (keys: {sorted(batch)}): the "
+                         "temperature the ids were drawn at decides their weights; pass a batch from the cache "
+                         "reader (or add it as a 0-dim tensor)")
+    return target_kind(batch.get("topk_ids"), batch.get("sample_ids"))
+
+
+def _missing_lse_message(batch, kind: str, temperature: float, options: KDLossOptions, sampled=False) -> str:
+    key = lse_key_for_temperature(temperature)
+    have = sorted(k for k in batch if str(k).startswith("lse_t")) or "no tempered lse"
+    if kind == "topk":
+        return (f"tail={options.tail!r} at temperature={temperature:g} needs batch[{key!r}] but the cache only "
+                f"has {have}; rebuild the cache with --temperatures {temperature:g} or use tail='renormalize'")
+    why = (f"ids drawn at sample_temperature={temperature:g} for a loss at temperature={options.temperature:g} "
+           "need importance weights from" if sampled else
+           f"the exact teacher log-probs at temperature={temperature:g} need")
+    return (f"{kind} targets: {why} batch[{key!r}], but the cache only has {have}; rebuild the cache with "
+            f"--temperatures {temperature:g}")
 
 
 class KDLoss(nn.Module):
@@ -167,7 +238,7 @@ class KDLoss(nn.Module):
         super().__init__()
         self.options = resolve_options(options, option_kwargs, entry_point="KDLoss")  # validated here
 
-    def forward(self, student_logits, topk_ids, topk_logprobs, **kwargs) -> torch.Tensor:
+    def forward(self, student_logits, topk_ids=None, topk_logprobs=None, **kwargs) -> torch.Tensor:
         options = kwargs.pop("options", self.options)
         return kd_loss(student_logits, topk_ids, topk_logprobs, options=options, **kwargs)
 

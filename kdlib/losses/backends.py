@@ -27,7 +27,7 @@ import torch
 from . import torch_pass
 from .sparse_math import LOG_TAIL_FLOOR
 
-__all__ = ["RowStats", "resolve_backend", "get_backend", "row_stats"]
+__all__ = ["RowStats", "RowLossAndGrad", "resolve_backend", "get_backend", "row_stats"]
 
 
 class RowStats(NamedTuple):
@@ -38,6 +38,17 @@ class RowStats(NamedTuple):
     logits_on_support: torch.Tensor  # [N, K] z at the top-k ids
     logit_at_label: torch.Tensor  # [N] z at the safe label
     log_tail: torch.Tensor | None  # [N] log Σ_{j∉S} softmax(z/τ)_j, floored; None if not requested
+
+
+class RowLossAndGrad(NamedTuple):
+    """What a fused forward hands its backward (the backend's ``write_grad`` arguments besides the ids)."""
+
+    rows: torch.Tensor  # [N]    loss per row (0 on ignored rows), compute dtype
+    lse_1: torch.Tensor  # [N]
+    lse_t: torch.Tensor  # [N]
+    coef_1: torch.Tensor  # [N]
+    coef_t: torch.Tensor  # [N]
+    grad_on_support: torch.Tensor  # [N, K] complete gradient values at the support ids
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

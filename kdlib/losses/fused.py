@@ -1,7 +1,8 @@
 """Fused sparse-KD + CE loss: a torch.autograd.Function with the closed-form backward.
 
 Shape notation:
-    N: rows (flattened positions), V: vocabulary, K: teacher top-k.
+    N: rows (flattened positions), V: vocabulary, K: teacher top-k (or the S weighted ids of sample / hybrid
+    targets, :mod:`.weighted`: same passes, same backward).
 
 Forward reads the [N, V] logits once (:func:`row_stats` of the backend: logsumexps, the student tail
 without cancellation, k + 1 gathers; the Triton pass re-reads only rows whose tail is < 1 % of their
@@ -19,31 +20,28 @@ The backend is the PyTorch chunked pass (:mod:`.torch_pass`) or the Triton kerne
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from . import torch_pass
 from ._inputs import FlatInputs, teacher_side
-from .backends import get_backend, row_stats
+from .backends import RowLossAndGrad, get_backend, row_stats
 from .options import KDLossOptions
 from .sparse_math import divergence_terms, uses_tail_category
+from .targets import WeightedTargets
+from .weighted import weighted_loss_and_grad
 
 __all__ = ["SparseKDFunction", "RowLossAndGrad", "row_loss_and_grad_coefs"]
 
 
-class RowLossAndGrad(NamedTuple):
-    rows: torch.Tensor  # [N]    loss per row (0 on ignored rows), compute dtype
-    lse_1: torch.Tensor  # [N]
-    lse_t: torch.Tensor  # [N]
-    coef_1: torch.Tensor  # [N]
-    coef_t: torch.Tensor  # [N]
-    grad_on_support: torch.Tensor  # [N, K]
-
-
-def row_loss_and_grad_coefs(logits: torch.Tensor, flat: FlatInputs, options: KDLossOptions,
+def row_loss_and_grad_coefs(logits: torch.Tensor, flat: FlatInputs | WeightedTargets, options: KDLossOptions,
                             backend_mod) -> RowLossAndGrad:
-    """Forward of the fused loss on [N, V] logits: per-row losses and the backward's coefficients."""
+    """Forward of the fused loss on [N, V] logits: per-row losses and the backward's coefficients.
+
+    Top-k targets (:class:`FlatInputs`) take the K-wide divergence math here; sample and hybrid targets
+    (:class:`~.targets.WeightedTargets`) the weighted-ids math of :mod:`.weighted`. Both use the same V-wide
+    passes of ``backend_mod`` and hand the backward the same record."""
+    if isinstance(flat, WeightedTargets):
+        return weighted_loss_and_grad(logits, flat, options, backend_mod)
     tau = options.temperature
     cdt = torch_pass.compute_dtype(logits.dtype)
     divergence = options.effective_divergence
@@ -84,7 +82,7 @@ class SparseKDFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, flat: FlatInputs, options: KDLossOptions, backend: str):  # noqa: D401
         out = row_loss_and_grad_coefs(logits, flat, options, get_backend(backend))
-        ctx.save_for_backward(logits, flat.topk_ids, flat.safe_labels, out.lse_1, out.lse_t, out.coef_1,
+        ctx.save_for_backward(logits, flat.support_ids, flat.safe_labels, out.lse_1, out.lse_t, out.coef_1,
                               out.coef_t, out.grad_on_support)
         ctx.temperature = options.temperature
         ctx.backend = backend

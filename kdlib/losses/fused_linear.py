@@ -1,7 +1,8 @@
 """Sparse-KD + CE loss straight from hidden states and the LM head, never materializing [N, V] logits.
 
 Shape notation:
-    N: rows (flattened positions), H: hidden size, V: vocabulary, K: teacher top-k, C: rows per chunk.
+    N: rows (flattened positions), H: hidden size, V: vocabulary, K: teacher top-k (or the weighted ids of
+    sample / hybrid targets, :mod:`.targets`), C: rows per chunk.
 
 Forward walks the rows in chunks of C: logits_c = hidden_c @ Wᵀ (+ b) [C, V], the fused loss's forward
 and closed-form gradient on that chunk (same backend passes as :func:`kdlib.kd_loss`), then immediately
@@ -27,10 +28,11 @@ from typing import Any
 
 import torch
 
-from ._inputs import FlatInputs, flatten_targets
+from ._inputs import FlatInputs
 from .backends import get_backend, resolve_backend
 from .fused import row_loss_and_grad_coefs
 from .options import KDLossOptions, resolve_options
+from .targets import SampleTargets, WeightedTargets, flatten_any
 from .torch_pass import compute_dtype
 
 __all__ = ["kd_loss_from_hidden"]
@@ -40,7 +42,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
     """Scalar loss from hidden [N, H] and W [V, H]; gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, flat: FlatInputs, options: KDLossOptions, backend: str, grad_wanted: bool):
+    def forward(ctx, hidden, weight, bias, flat: FlatInputs | WeightedTargets, options: KDLossOptions, backend: str, grad_wanted: bool):
         backend_mod = get_backend(backend)
         n = hidden.shape[0]
         chunk_size = int(options.chunk_size)
@@ -71,7 +73,7 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
             # the chunk's gradient straight in the accumulator dtype: no rounding to bf16 before the
             # reduction over rows in grad_W (the pass computes in fp32 anyway)
             grad_logits = backend_mod.write_grad(
-                logits, sub.topk_ids, sub.safe_labels, out.lse_1, out.lse_t, out.coef_1 * row_scale,
+                logits, sub.support_ids, sub.safe_labels, out.lse_1, out.lse_t, out.coef_1 * row_scale,
                 out.coef_t * row_scale, out.grad_on_support * row_scale, options.temperature,
                 chunk_rows=options.chunk_rows, out_dtype=acc_dtype)  # [C, V] fp32 (fp64 for fp64 inputs)
             del logits
@@ -107,13 +109,18 @@ class FusedLinearSparseKDFunction(torch.autograd.Function):
 def kd_loss_from_hidden(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
     *,
     lm_head_bias: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     teacher_lse: torch.Tensor | None = None,
     teacher_lse_at_temperature: torch.Tensor | None = None,
+    sample_ids: torch.Tensor | None = None,
+    sample_counts: torch.Tensor | None = None,
+    sample_logprobs: torch.Tensor | None = None,
+    sample_temperature: float | torch.Tensor = 1.0,
+    teacher_lse_sample_temperature: torch.Tensor | None = None,
     options: KDLossOptions | None = None,
     **option_kwargs: Any,
 ) -> torch.Tensor:
@@ -128,8 +135,9 @@ def kd_loss_from_hidden(
     Args:
         hidden: [..., H] final hidden states (after the final norm).
         lm_head_weight: [V, H] output embedding.
-        topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_at_temperature: as in kd_loss, with
-            leading dims equal to hidden's.
+        topk_ids, topk_logprobs, labels, teacher_lse, teacher_lse_at_temperature, sample_ids, sample_counts,
+            sample_logprobs, sample_temperature, teacher_lse_sample_temperature: as in kd_loss (any of the three
+            target kinds), with leading dims equal to hidden's.
         lm_head_bias: optional [V].
         options: a :class:`~kdlib.losses.options.KDLossOptions` (default: every default).
         **option_kwargs: its fields as keywords (replacing those of ``options``): ``ce_weight``,
@@ -148,8 +156,10 @@ def kd_loss_from_hidden(
     if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
         raise ValueError(f"lm_head_bias must be [V={vocab}], got {tuple(lm_head_bias.shape)}")
     lead = tuple(hidden.shape[:-1])
-    flat = flatten_targets(lead, vocab, hidden.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, options, validate=options.validate)
+    samples = SampleTargets.of(sample_ids, sample_counts, sample_logprobs, sample_temperature,
+                               teacher_lse_sample_temperature)
+    flat = flatten_any(lead, vocab, hidden.device, compute_dtype(hidden.dtype), topk_ids, topk_logprobs, labels,
+                       teacher_lse, teacher_lse_at_temperature, samples, options)
     hidden_2d = hidden.reshape(-1, hidden.shape[-1])
     resolved = resolve_backend(options.backend, hidden.device)
     grad_wanted = torch.is_grad_enabled() and any(

@@ -22,10 +22,16 @@ from typing import Any, Mapping
 
 from .sparse_math import DIVERGENCES, TAILS, effective_divergence
 
-__all__ = ["KDLossOptions", "resolve_options", "ENTRY_POINT_OPTIONS", "REDUCTIONS", "BACKENDS"]
+__all__ = ["KDLossOptions", "resolve_options", "check_for_targets", "ENTRY_POINT_OPTIONS", "REDUCTIONS", "BACKENDS",
+           "TARGET_KINDS", "SAMPLED_DIVERGENCES"]
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton", "reference")
+# What a cache holds per position (issue 10): the exact top-k, sampled ids with counts, or an exact head plus
+# samples from the rest. The loss picks the kind from the tensors it is given (kdlib.losses.targets).
+TARGET_KINDS = ("topk", "sample", "hybrid")
+# Divergences with an unbiased estimator from teacher samples (the others raise for sample / hybrid targets).
+SAMPLED_DIVERGENCES = ("forward_kl",)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,7 +46,8 @@ class KDLossOptions:
         kd_weight: weight of the distillation term; >= 0.
         temperature: τ applied to student and teacher in D (not in CE); finite, > 0.
         divergence: ``forward_kl`` | ``reverse_kl`` | ``jsd`` | ``tvd``.
-        tail: ``bucket`` (exact, default) | ``renormalize`` | ``none``.
+        tail: ``bucket`` (exact, default) | ``renormalize`` | ``none``. Top-k targets only: sample and hybrid
+            targets estimate the full-vocabulary teacher without bias, so the tail setting is ignored there.
         tau_squared: multiply D by τ² (Hinton); False matches Megatron/TRL.
         ignore_index: label value of positions that count in neither term.
         beta: JSD weight of the teacher in the mixture, in [0, 1] (0 = forward KL, 1 = reverse KL).
@@ -139,6 +146,23 @@ def _check_for_entry_point(options: KDLossOptions, entry_point: str) -> None:
     if options.backend == "reference":
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton' for kd_loss_from_hidden, got "
                          f"{options.backend!r}")
+
+
+def check_for_targets(options: KDLossOptions, kind: str) -> None:
+    """The settings a target kind cannot honour (:data:`TARGET_KINDS`; called once per loss call).
+
+    Sample and hybrid targets estimate soft-target CE / forward KL without bias; reverse KL, JSD and TVD need
+    the teacher's density at points the student picks (or a non-linear function of it), which teacher samples
+    cannot estimate without bias, so they raise. ``jsd`` with beta 0 is forward KL and passes.
+    """
+    if kind not in TARGET_KINDS:
+        raise ValueError(f"unknown target kind {kind!r}; choose one of {TARGET_KINDS}")
+    if kind == "topk" or options.effective_divergence in SAMPLED_DIVERGENCES:
+        return
+    raise ValueError(
+        f"divergence {options.divergence!r} has no unbiased estimator from teacher samples ({kind} targets): it "
+        f"needs the teacher's density at points the student picks, or a non-linear function of it; use "
+        f"divergence='forward_kl' with sampled targets, or a top-k cache for {options.divergence!r}")
 
 
 def resolve_options(options: KDLossOptions | None, overrides: Mapping[str, Any], *,

@@ -6,21 +6,25 @@ Shape notation:
 Written for clarity, not speed: it materializes [N, V] log-probabilities (and a dense teacher for
 ``renormalize``) so that it checks the fused backends by a different route. In particular the student's
 tail mass is an explicit masked logsumexp over the complement of S, and ``renormalize`` sums the
-per-id terms over the whole vocabulary instead of using the tail-category shortcut.
+per-id terms over the whole vocabulary instead of using the tail-category shortcut. Sample and hybrid
+targets take :func:`kdlib.losses.weighted.weighted_rows_reference` (the same naive route).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ._inputs import flatten_targets, reduce_rows, teacher_side
+from ._inputs import reduce_rows, teacher_side
 from .options import KDLossOptions, resolve_options
 from .sparse_math import LOG_TAIL_FLOOR
+from .targets import SampleTargets, WeightedTargets, flatten_any
 from .torch_pass import compute_dtype
+from .weighted import weighted_rows_reference
 
 __all__ = ["kd_loss_reference"]
 
@@ -39,26 +43,39 @@ def _f(divergence: str, t: torch.Tensor, s: torch.Tensor, beta: float) -> torch.
 
 def kd_loss_reference(
     student_logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
+    topk_ids: torch.Tensor | None = None,
+    topk_logprobs: torch.Tensor | None = None,
     *,
     labels: torch.Tensor | None = None,
     teacher_lse: torch.Tensor | None = None,
     teacher_lse_at_temperature: torch.Tensor | None = None,
+    sample_ids: torch.Tensor | None = None,
+    sample_counts: torch.Tensor | None = None,
+    sample_logprobs: torch.Tensor | None = None,
+    sample_temperature: float | torch.Tensor = 1.0,
+    teacher_lse_sample_temperature: torch.Tensor | None = None,
     options: KDLossOptions | None = None,
     **option_kwargs: Any,
 ) -> torch.Tensor:
-    """Same contract as :func:`kdlib.kd_loss` (see its docstring for every mode), computed naively.
+    """Same contract as :func:`kdlib.kd_loss` (see its docstring for every mode and target kind), computed
+    naively.
 
     Takes the loss settings (``ce_weight`` ... ``reduction``) as keywords or ``options=``; ``backend``,
     ``validate`` and the chunking of an options object do not apply (ids and labels are always checked).
     """
     options = resolve_options(options, option_kwargs, entry_point="kd_loss_reference")
+    if not options.validate:
+        options = dataclasses.replace(options, validate=True)
     vocab = student_logits.shape[-1]
     lead = tuple(student_logits.shape[:-1])
-    flat = flatten_targets(lead, vocab, student_logits.device, topk_ids, topk_logprobs, labels, teacher_lse,
-                           teacher_lse_at_temperature, options)
     dtype = compute_dtype(student_logits.dtype)
+    samples = SampleTargets.of(sample_ids, sample_counts, sample_logprobs, sample_temperature,
+                               teacher_lse_sample_temperature)
+    flat = flatten_any(lead, vocab, student_logits.device, dtype, topk_ids, topk_logprobs, labels, teacher_lse,
+                       teacher_lse_at_temperature, samples, options)
+    if isinstance(flat, WeightedTargets):
+        return reduce_rows(weighted_rows_reference(student_logits, flat, options), flat.valid, options.reduction,
+                           lead)
     z = student_logits.reshape(-1, vocab).to(dtype)  # [N, V]
     div = options.effective_divergence
     beta = float(options.beta)
