@@ -89,13 +89,30 @@ def _llama(vocab: int, hidden: int, layers: int, seed: int, heads: int | None = 
     return LlamaForCausalLM(config)
 
 
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously): timings end when the work ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _batch_ids(sequences: np.ndarray, b0: int, batch_size: int, device: torch.device) -> torch.Tensor:
+    ids = torch.from_numpy(np.array(sequences[b0 : b0 + batch_size], dtype=np.int64))  # [B, T]
+    return ids.to(device, non_blocking=True)
+
+
 def _bare_forward(model, sequences: np.ndarray, batch_size: int) -> tuple[float, float]:
     """Wall and process-CPU seconds of the teacher forward alone over all batches (logits discarded)."""
+    device = _device_of(model)
+    _sync(device)
     wall0, cpu0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         for b0 in range(0, len(sequences), batch_size):
-            ids = torch.from_numpy(np.array(sequences[b0 : b0 + batch_size], dtype=np.int64))
-            model(input_ids=ids, use_cache=False).logits
+            model(input_ids=_batch_ids(sequences, b0, batch_size, device), use_cache=False).logits
+    _sync(device)
     return time.perf_counter() - wall0, time.process_time() - cpu0
 
 
@@ -105,9 +122,9 @@ def _check_correct(cache: Path, model, topk: int) -> None:
     # Decoded through kdlib: format v2 stores the slots in id order, the reader gives the canonical order.
     reader = open_cache(cache, decode_dir=cache.parent / f"{cache.name}_decoded")
     group = {k: v.numpy() for k, v in reader.read(0, 2).items()}
-    ids = torch.from_numpy(group["input_ids"][:2].astype(np.int64))
+    ids = torch.from_numpy(group["input_ids"][:2].astype(np.int64)).to(_device_of(model))
     with torch.inference_mode():
-        logits = model(input_ids=ids, use_cache=False).logits.double()
+        logits = model(input_ids=ids, use_cache=False).logits.double().cpu()
     logprobs = torch.log_softmax(logits, -1)
     values, _ = logprobs.topk(topk, -1)
     stored = group["topk_logprobs"][:2].astype(np.float64)
@@ -127,8 +144,9 @@ def _check_sampled(cache: Path, model, samples: int) -> dict:
     reader = open_cache(cache, decode_dir=cache.parent / f"{cache.name}_decoded")
     batch = {k: v.numpy() for k, v in reader.read(0, 2).items()}
     with torch.inference_mode():
-        logits = model(input_ids=torch.from_numpy(batch["input_ids"].astype(np.int64)), use_cache=False).logits
-    logprobs = torch.log_softmax(logits.double(), -1).numpy()
+        ids = torch.from_numpy(batch["input_ids"].astype(np.int64)).to(_device_of(model))
+        logits = model(input_ids=ids, use_cache=False).logits
+    logprobs = torch.log_softmax(logits.double(), -1).cpu().numpy()
     ids, counts = batch["sample_ids"].astype(np.int64), batch["sample_counts"].astype(np.int64)
     if not (counts.sum(-1) == samples).all():
         raise SystemExit("correctness check failed: sample counts do not sum to --samples")
@@ -224,17 +242,22 @@ def _targets_only(model, sequences: np.ndarray, batch_size: int, topk: int) -> t
     """Forward + compute_targets without any writer: (wall seconds, seconds inside compute_targets)."""
     from cache_server.build.targets import workspace_numel
 
+    device = _device_of(model)
+    _sync(device)
     t0 = time.perf_counter()
     targets_s = 0.0
     workspace = None
     with torch.inference_mode():
         for b0 in range(0, len(sequences), batch_size):
-            ids = torch.from_numpy(np.array(sequences[b0 : b0 + batch_size], dtype=np.int64))
+            ids = _batch_ids(sequences, b0, batch_size, device)
             logits = model(input_ids=ids, use_cache=False).logits
+            _sync(device)
             c0 = time.perf_counter()
             if workspace is None or workspace.numel() < workspace_numel(logits):
-                workspace = torch.empty(workspace_numel(logits))  # as run_build: allocated once, reused
+                # as run_build: allocated once on the logits' device, reused
+                workspace = torch.empty(workspace_numel(logits), device=logits.device)
             compute_targets(logits, ids, topk, (), workspace)
+            _sync(device)
             targets_s += time.perf_counter() - c0
             del logits
     return time.perf_counter() - t0, targets_s
@@ -246,7 +269,7 @@ def _time_teacher(label: str, desc: str, teacher_dir: Path, data_path: Path, seq
     from cache_server.build.teacher import inspect_teacher, load_teacher
 
     # Time the bare forward on the model exactly as the build loads it (same dtype, same weight storage).
-    model = load_teacher(inspect_teacher(teacher_dir), "float32", "cpu")
+    model = load_teacher(inspect_teacher(teacher_dir), args.dtype, args.device)
     n_seq, T = sequences_arr.shape
     print(f"[{label}] {desc}; {n_seq} x {T} = {n_seq * T} tokens per pass, batch {args.batch_size}, "
           f"shard every {args.shard_seqs} sequences; torch threads {torch.get_num_threads()}", file=sys.stderr)
@@ -254,7 +277,7 @@ def _time_teacher(label: str, desc: str, teacher_dir: Path, data_path: Path, seq
     def build(out: Path, **kw):
         kw.setdefault("topk", args.topk)
         opts = BuildOptions(teacher=str(teacher_dir), data=str(data_path), out=str(out), seq_len=T,
-                            batch_size=args.batch_size, progress=False, **kw)
+                            batch_size=args.batch_size, progress=False, device=args.device, dtype=args.dtype, **kw)
         return run_build(opts, log=lambda s: None)
 
     # Correctness before timing (also warms up kernels, the allocator and the page cache).
@@ -369,6 +392,9 @@ def main() -> None:
     ap.add_argument("--train-s", type=float, help="training budget of the trained teacher (default 45 quick, 300 full)")
     ap.add_argument("--tokenizer-vocab", type=int, default=4096)
     ap.add_argument("--tag", default="", help="suffix for the result file names")
+    ap.add_argument("--device", default="cpu", help="where the teacher runs, as kdcache build --device (cuda, cuda:1)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="teacher compute dtype, as kdcache build --dtype (default float32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -465,6 +491,8 @@ def main() -> None:
             },
             "per_array_bytes_per_token_random": codecs_random["per_array_bytes_per_token"][fmt.DEFAULT_CODEC],
             "torch_threads": torch.get_num_threads(),
+            "device": args.device,
+            "teacher_dtype": args.dtype,
             "writer": _writer_threads(),
             "bench_wall_s": round(time.perf_counter() - wall0, 1),
             "machine": {**machine, "loadavg_1_5_15min_end": [round(x, 2) for x in os.getloadavg()]},
