@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e ".[build,server,triton,train,dev]"
+	$(PY) -m pip install --quiet -e ".[build,server,triton,train,ray,s3,interop,trl,lightning,dev]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -33,6 +33,7 @@ Usage::
     python benchmarks/bench_build.py --quick
     python benchmarks/bench_build.py --sequences 256 --reps 5 --threads 1
     python benchmarks/bench_build.py --quick --hidden 256 --layers 4 --heads 4 --kv-heads 2 --small-hidden 0
+    python benchmarks/bench_build.py --engine ray --quick --reps 3   # Ray engine vs local (_bench_ray.py)
 """
 
 from __future__ import annotations
@@ -367,6 +368,38 @@ def _writer_threads() -> dict:
     }
 
 
+def _engine_main(args) -> None:
+    """``--engine ray``: interleaved local / Ray builds of the same tokens (benchmarks/_bench_ray.py)."""
+    from benchmarks._bench_ray import bench_engines
+
+    sequences = args.sequences or (32 if args.quick else 128)
+    machine = machine_info()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    work = Path(tempfile.mkdtemp(prefix="kdcache_bench_build_ray_"))
+    wall0 = time.perf_counter()
+    try:
+        tok_dir = train_tokenizer(work / "tok", vocab_size=args.tokenizer_vocab, max_chars=2_000_000)
+        stream = _tokenize_stdlib(tok_dir, max_chars=6_000_000)[: sequences * args.seq_len]
+        np.save(work / "tokens.npy", stream)
+        kv = args.kv_heads or args.heads
+        _llama(args.vocab, args.hidden, args.layers, 0, args.heads, kv).save_pretrained(work / "teacher",
+                                                                                       safe_serialization=True)
+        result = bench_engines(work / "teacher", work / "tokens.npy", args.seq_len, args, work, REPO)
+        summary = {"bench": "bench_build_engine_ray", "quick": args.quick,
+                   "teacher": f"random-init Llama hidden {args.hidden}, {args.layers} layers, {args.heads} heads "
+                              f"({kv} kv), vocab {args.vocab}",
+                   "tokens_per_build": sequences * args.seq_len, "shard_seqs": args.shard_seqs,
+                   "batch_size": args.batch_size, **result, "bench_wall_s": round(time.perf_counter() - wall0, 1),
+                   "machine": {**machine, "loadavg_1_5_15min_end": [round(x, 2) for x in os.getloadavg()]},
+                   "command": command}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        stem = "bench_build_ray" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
+        (RESULTS / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run (~6-8 min on 2 CPU cores)")
@@ -395,9 +428,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="where the teacher runs, as kdcache build --device (cuda, cuda:1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="teacher compute dtype, as kdcache build --dtype (default float32)")
+    ap.add_argument("--engine", default="local", choices=["local", "ray"],
+                    help="ray: only the engine comparison (Ray 1 and 2 workers vs local, benchmarks/_bench_ray.py)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine == "ray":
+        return _engine_main(args)
     sequences = args.sequences or (32 if args.quick else 256)
     train_s = args.train_s if args.train_s is not None else (45.0 if args.quick else 300.0)
     machine = machine_info()  # its load average is the one at the start

@@ -11,8 +11,8 @@
 #   env           nvidia-smi, torch/triton/CUDA versions
 #   kernels       the Triton kernel tests compiled for real (TRITON_INTERPRET unset) against the PyTorch
 #                 reference, plus tests/test_gpu_suite.py's bf16 check at V = 128,256
-#   bench_loss    KD+CE vs CE time and peak memory, fused-linear vs materialized logits; bench_loss runs its
-#                 CUDA shape (BT = 8192, V = 128,256, bf16) whenever CUDA is present
+#   bench_loss    KD+CE vs CE time and peak memory, fused-linear vs materialized logits, on the GPU only
+#                 (--device cuda) at BT = 8192, V = 128,256 bf16; results under OUT_DIR/bench_loss/
 #   step_overhead a GPT-2-small-shaped student (12 x 768, V 50,304, T 1024, B 8): KD-from-cache step / CE step,
 #                 and ce_loader / ce: the cache loader feeding the GPU (pinned memory, non_blocking copies) at
 #                 the rate the step consumes
@@ -67,7 +67,7 @@ has_flag() { grep -qE -- "(^|[[:space:],])$2([[:space:],=]|$)" <<< "$1"; }
 
 STEP_OVERHEAD_ARGS=(--device cuda --layers 12 --d-model 768 --vocab 50304 --seq-len 1024 --batch-size 8
                     --topk 32 --sequences 512 --shard-seqs 64 --steps 30 --warmup 5 --out "$OUT/step_overhead")
-BENCH_LOSS_ARGS=(--rows 1024 --vocab 8192 --repeats 10)
+BENCH_LOSS_ARGS=(--device cuda --dtype bfloat16 --rows 8192 --vocab 128256 --repeats 10 --out "$OUT/bench_loss")
 BUILD_SHAPE=(--hidden 896 --layers 24 --heads 14 --kv-heads 2 --vocab 151936 --seq-len 512 --sequences 64
              --batch-size 8 --reps 3 --small-hidden 0 --train-s 20 --tag gpu)
 BUILD_GPU_FLAGS=(--device cuda --dtype bfloat16)
@@ -128,7 +128,6 @@ triton.__version__, torch.cuda.get_device_name(0), torch.cuda.get_device_capabil
 run_step kernels 120 env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider "${KERNEL_TESTS[@]}" \
     --junitxml "$OUT/kernels.xml"
 run_step bench_loss 90 "$PY" benchmarks/bench_loss.py "${BENCH_LOSS_ARGS[@]}"
-cp "$REPO"/benchmarks/results/bench_loss.{json,csv} "$OUT/" 2>/dev/null
 run_step step_overhead 120 "$PY" benchmarks/step_overhead.py "${STEP_OVERHEAD_ARGS[@]}"
 help="$(cd "$REPO" && "$PY" benchmarks/bench_build.py --help 2>&1)"
 if has_flag "$help" --device && has_flag "$help" --dtype; then

@@ -48,6 +48,7 @@ def loader_throughput(
     prefetch: int = 2,
     prepare: bool = True,
     cold_decode_root: str | Path | None = None,
+    pin_memory: bool = False,
 ) -> dict[str, Any]:
     """Measure loader throughput for each worker count.
 
@@ -63,6 +64,7 @@ def loader_throughput(
         prepare: decode every shard before timing (measures the loader, not shard decoding).
         cold_decode_root: if given, each worker count opens the cache afresh with its own empty decode
             directory under this root (``prepare`` is ignored): decoding is timed too.
+        pin_memory: batches in pinned (page-locked) host memory, as a CUDA training loop wants them.
 
     Returns:
         ``{"batch_size", "seq_len", "topk", "shuffle", "per_workers": [{"num_workers", "batches",
@@ -81,7 +83,7 @@ def loader_throughput(
             location = getattr(reader, "path", None) or reader.url
             run_reader = kdlib.open_cache(location, decode_dir=Path(cold_decode_root) / f"workers{num_workers}")
         loader = kdlib.make_loader(run_reader, batch_size, shuffle=shuffle, seed=seed, num_workers=num_workers,
-                                   prefetch=prefetch, drop_last=True, pin_memory=False)
+                                   prefetch=prefetch, drop_last=True, pin_memory=pin_memory)
         limit = len(loader) if max_batches is None else min(len(loader), max_batches)
         if limit <= warmup_batches:
             raise ValueError(f"the cache gives only {limit} batches of {batch_size}; need more than "
@@ -139,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--topk", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=32768)
+    parser.add_argument("--pin-memory", action="store_true", help="batches in pinned host memory (CUDA loops)")
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="kd_loader_tp_"))
@@ -153,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         max_batches = args.max_batches or (100 if args.quick else 1000)
         summary = loader_throughput(cache, args.batch_size, [int(w) for w in args.workers.split(",")],
                                     shuffle=not args.no_shuffle, max_batches=max_batches,
-                                    cold_decode_root=work / "cold" if args.cold else None)
+                                    cold_decode_root=work / "cold" if args.cold else None,
+                                    pin_memory=args.pin_memory)
         summary["benchmark"] = "loader_throughput"
         summary["quick"] = args.quick
         summary["cache_sequences"] = cache.num_sequences

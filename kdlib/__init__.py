@@ -8,6 +8,7 @@ Public entry points (imported lazily so `import kdlib` stays cheap and optional 
 * ``make_loader`` / ``CacheDataset`` / ``check_alignment``: the training-side data path.
 * ``score_sequences``: per-sequence student-vs-teacher KL; subsets from it in ``kdlib.selection``.
 * ``kd_step_loss(model, batch, **loss_kwargs)``: run the student on the batch's own tokens, return (loss, logits).
+* ``CrossTokLoader`` / ``crosstok_loss``: a student with another tokenizer learns from the cache (``kdlib.crosstok``).
 * ``PackedEnsemble`` / ``packed_step`` / ``packed_kd_loss`` / ``evaluate_ensemble``: M students trained in one
   vmapped step, and ensemble evaluation (``kdlib.ensemble``).
 """
@@ -41,6 +42,8 @@ _EXPORTS = {
     "packed_step": "kdlib.ensemble",
     "packed_kd_loss": "kdlib.ensemble",
     "evaluate_ensemble": "kdlib.ensemble",
+    "CrossTokLoader": "kdlib.crosstok",
+    "crosstok_loss": "kdlib.crosstok",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

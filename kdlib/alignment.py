@@ -35,7 +35,7 @@ from typing import Mapping
 
 import torch
 
-from .batch import (DEFAULT_IGNORE_INDEX, AlignmentError, check_sample_ids_in_vocab, check_student_vocab,
+from .batch import (DEFAULT_IGNORE_INDEX, AlignmentError, check_batch_vocab, check_sample_ids_in_vocab,
                     check_topk_ids_in_vocab, shift_labels, teacher_vocab_size_of)
 
 __all__ = ["AlignmentError", "check_alignment", "check_topk_ids_in_vocab", "shift_labels", "DEFAULT_IGNORE_INDEX"]
@@ -60,9 +60,11 @@ def check_alignment(
       ``student_input_ids`` the tokens are not checked at all;
     * vocabulary, when ``student_vocab_size`` is given: it equals the teacher's (``teacher_vocab_size=``, or
       the batch's ``teacher_vocab_size`` entry that :func:`kdlib.make_loader` and :class:`kdlib.CacheDataset`
-      add), per :func:`kdlib.batch.check_student_vocab`. With ``allow_padded_vocab=True`` a student vocabulary
+      add), per :func:`kdlib.batch.check_batch_vocab`. With ``allow_padded_vocab=True`` a student vocabulary
       LARGER than the teacher's also passes (an embedding padded to a multiple of 64/128: GPT-2 has 50304 rows
-      for 50257 tokens); a smaller one never passes;
+      for 50257 tokens), and a SMALLER one passes when every id of the batch is below it (a teacher embedding
+      padded beyond the student's, Qwen2.5 style: 152064 vs 151936; the batch's ``largest_id``, made on the
+      CPU, settles it; otherwise the error names the first offending id, its place and value);
     * top-k ids: every cached id below ``student_vocab_size``. When the teacher's vocabulary is known this
       follows from the size comparison, because the batch makers checked every id against the teacher's
       vocabulary on the CPU (:func:`check_topk_ids_in_vocab`); only when it is unknown are the ids scanned here
@@ -76,7 +78,8 @@ def check_alignment(
         student_vocab_size: the student's output vocabulary (e.g. ``model.config.vocab_size``); None skips the
             vocabulary checks.
         teacher_vocab_size: the cache's vocabulary when the batch does not carry ``teacher_vocab_size``.
-        allow_padded_vocab: accept a student vocabulary larger than the teacher's (see above). Default False.
+        allow_padded_vocab: accept a student vocabulary larger than the teacher's, or smaller than it when
+            every id of the batch fits (see above). Default False.
 
     Raises:
         AlignmentError: on any mismatch, with what differs and how to fix it.
@@ -93,8 +96,10 @@ def check_alignment(
         return
     teacher_vocab = teacher_vocab_size_of(teacher_batch, teacher_vocab_size)
     if teacher_vocab is not None:
-        # Every cached id < teacher_vocab (checked on the CPU by the batch maker), so the sizes settle the ids.
-        check_student_vocab(student_vocab_size, teacher_vocab, allow_padded_vocab=allow_padded_vocab)
+        # Every cached id < teacher_vocab (checked on the CPU by the batch maker), so the sizes settle the ids;
+        # for a smaller student the batch's largest_id (made there too) does.
+        check_batch_vocab(student_vocab_size, teacher_batch, teacher_vocab_size=teacher_vocab,
+                          allow_padded_vocab=allow_padded_vocab)
         return
     topk_ids = teacher_batch.get("topk_ids")
     if topk_ids is not None:

@@ -34,6 +34,7 @@ MAX_FUNCTION_LINES = 80
 MIN_SIMILARITY_LINES = 6
 LONG_MARKER = "# long:"
 FORMAT, BUILD, SERVE, CLI = "cache_server.format", "cache_server.build", "cache_server.serve", "cache_server.cli"
+INTEROP = "cache_server.interop"
 
 
 # ----------------------------------------------------------------------------------------------- the module graph
@@ -184,6 +185,12 @@ def both_rooms_violations(lib: Library) -> list[Import]:
             for imps in rooms.values() for imp in imps]
 
 
+def interop_violations(lib: Library) -> list[Import]:
+    """cache_server.interop (import/export of peers' datasets) reads and writes caches: format and build only."""
+    return [imp for imp in lib.imports if _in(imp.importer, INTEROP) and lib.is_ours(imp.target)
+            and not any(_in(imp.target, room) for room in (INTEROP, FORMAT, BUILD))]
+
+
 def triton_violations(lib: Library) -> list[Import]:
     return [imp for imp in lib.imports if _in(imp.importer, "triton_kernels") and lib.is_ours(imp.target)
             and not _in(imp.target, "triton_kernels")]
@@ -327,6 +334,11 @@ def test_build_and_serve_never_import_each_other(library):
 def test_only_cli_imports_both_build_and_serve(library):
     """Only the command line wires the two sides together; anything both need belongs in format."""
     _assert_none(both_rooms_violations(library), "modules outside cache_server.cli importing build and serve")
+
+
+def test_interop_imports_only_format_and_build(library):
+    """Import/export write through the build's writer and read the format; never the server or kdlib."""
+    _assert_none(interop_violations(library), "cache_server.interop imports beyond cache_server.format/build")
 
 
 def test_triton_kernels_imports_nothing_of_ours(library):

@@ -59,7 +59,7 @@ def test_arrays_must_include_input_ids(cache_and_arrays):
     with pytest.raises(ValueError, match="needs 'input_ids' among arrays"):
         read_batch(cache, [0, 1], arrays=["topk_ids"])
     batch = read_batch(cache, [0, 1], arrays=["input_ids", "topk_ids"])
-    assert set(batch) == {"input_ids", "topk_ids", "labels", "sample_indices", "teacher_vocab_size"}
+    assert set(batch) == {"input_ids", "topk_ids", "labels", "sample_indices", "teacher_vocab_size", "largest_id"}
 
 
 def test_loader_and_dataset_make_the_same_batches(cache_and_arrays):
@@ -104,10 +104,11 @@ def test_check_student_vocab_rule():
     with pytest.raises(AlignmentError, match=r"^the student's vocabulary has 64 entries but the cache's teacher "
                                              r"has 40: .*allow_padded_vocab=True"):
         check_student_vocab(64, 40, allow_padded_vocab=False)
-    for padded in (False, True):  # smaller never passes, and gets no padding hint
-        with pytest.raises(AlignmentError, match="vocabulary has 39 entries but the cache's teacher has 40: ") as info:
-            check_student_vocab(39, 40, allow_padded_vocab=padded)
-        assert "allow_padded_vocab" not in str(info.value)
+    # Smaller: only with allow_padded_vocab=True and a largest id below the student's size (test_vocab_mismatch.py).
+    for padded, largest in ((False, 30), (True, None), (True, 39)):
+        with pytest.raises(AlignmentError, match="vocabulary has 39 entries but the cache's teacher has 40: "):
+            check_student_vocab(39, 40, allow_padded_vocab=padded, largest_id=largest)
+    check_student_vocab(39, 40, allow_padded_vocab=True, largest_id=38)
     assert issubclass(AlignmentError, ValueError) and kdlib.AlignmentError is AlignmentError
     assert teacher_vocab_size_of({"teacher_vocab_size": torch.tensor(7)}) == 7
     assert teacher_vocab_size_of({}, 9) == 9 and teacher_vocab_size_of({}) is None

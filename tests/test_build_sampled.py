@@ -141,6 +141,9 @@ def test_sample_cache_values_and_manifest(setup, tmp_path):
     assert (ref_counts != _dense(ids, counts)).any(-1).sum() <= 1
 
 
+# One torch thread: with two, MKL splits a matmul by its row count, so batches of 3 and of 8 round the logits'
+# last bits differently (the build promises identity for the same --batch-size; across batch sizes only here).
+@pytest.mark.usefixtures("one_cpu_thread")
 def test_rerun_other_batch_size_and_sigkill_resume_are_byte_identical(setup):
     root, teacher = setup
     flags = ("--targets", "hybrid", "--topk", 3, "--samples", 16, "--sample-temperature", 0.5)

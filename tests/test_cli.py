@@ -311,7 +311,7 @@ def test_version():
     assert result.stdout == f"kdcache {importlib.metadata.version('kdcache')}\n"
 
 
-@pytest.mark.parametrize("command", ["", "build", "info", "verify", "serve"])
+@pytest.mark.parametrize("command", ["", "build", "info", "verify", "serve", "merge", "import", "export"])
 def test_help_is_plain_text_with_examples(command):
     result = kdcache(*([command] if command else []), "--help")
     assert result.returncode == 0, result.stderr
@@ -321,7 +321,7 @@ def test_help_is_plain_text_with_examples(command):
         assert markup not in text, f"{markup!r} in the help of kdcache {command}:\n{text}"
     assert "examples:" in text and f"kdcache {command}".rstrip() + " " in text.split("examples:", 1)[1], text
     if not command:
-        for name in ("build", "info", "verify", "serve"):
+        for name in ("build", "info", "verify", "serve", "merge", "import", "export"):
             assert re.search(rf"^\s+{name}\s+\S", text, re.M), f"{name} missing from kdcache --help:\n{text}"
 
 

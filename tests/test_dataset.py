@@ -46,7 +46,7 @@ def test_dataloader_with_own_distributed_sampler(cache_and_arrays, num_workers):
         for batch in torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=num_workers):
             idx = batch["sample_indices"].numpy()
             assert set(batch) == {"input_ids", "topk_ids", "topk_logprobs", "lse", "labels", "sample_indices",
-                                  "teacher_vocab_size"}
+                                  "teacher_vocab_size", "largest_id"}
             np.testing.assert_array_equal(batch["topk_ids"].numpy(), arrays["topk_ids"][idx])
             kdlib.check_alignment(torch.from_numpy(arrays["input_ids"][idx]).long(), batch, student_vocab_size=V)
             seen += idx.tolist()

@@ -384,6 +384,9 @@ def test_from_batch_refuses_a_student_with_another_vocabulary():
     with pytest.raises(AlignmentError, match="vocabulary has 64 entries but the cache's teacher has 20: .*allow_padded_vocab"):
         kdlib.kd_loss_from_batch(torch.randn(2, 3, 64), batch)
     with pytest.raises(AlignmentError, match="vocabulary has 16 entries but the cache's teacher has 20: "):
+        kdlib.kd_loss_from_batch(torch.randn(2, 3, 16), batch)
+    # Smaller with allow_padded_vocab=True: only when every id fits (tests/test_vocab_mismatch.py).
+    with pytest.raises(AlignmentError, match=r"below the student's vocabulary of 16 \(the teacher's has 20\)"):
         kdlib.kd_loss_from_batch(torch.randn(2, 3, 16), batch, allow_padded_vocab=True)
     loss = kdlib.kd_loss_from_batch(torch.randn(2, 3, 24), batch, allow_padded_vocab=True)
     assert torch.isfinite(loss)

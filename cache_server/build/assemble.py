@@ -61,6 +61,7 @@ def layout_dict(layout: fmt.CacheLayout) -> dict[str, Any]:
         "chunk_seqs": layout.chunk_seqs,
         "codec": layout.codec,
         **_targets_layout(layout),
+        **({"offsets": True} if layout.offsets else {}),
     }
 
 

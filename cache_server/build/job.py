@@ -30,6 +30,7 @@ from cache_server.build.repair import find_damaged_shards, repair_metadata
 from cache_server.build.sources import TokenData, TokenizerInfo, load_tokenizer, open_token_data
 from cache_server.build.teacher import TeacherInfo
 from cache_server.build.writer import STATE_DIR, BuildStateError, CacheWriter, check_existing, journal_entries, read_dir_state
+from cache_server.format import storage
 from cache_server.format.build_lock import BuildLockedError, acquire_build_lock
 
 __all__ = ["BuildOptions", "BuildResult", "PreparedBuild", "prepare_build", "run_build", "hold_build_lock"]
@@ -144,7 +145,7 @@ def _tokenizer_for(opts: BuildOptions, teacher: TeacherInfo | MixtureInfo) -> To
 def prepare_build(opts: BuildOptions) -> PreparedBuild:
     """Validate everything cheap (args, output dir, teacher files, data, ids vs vocab) without side effects."""
     temperatures = check_options(opts)
-    out = Path(opts.out)
+    out = opts.out if storage.is_url(opts.out) else Path(opts.out)  # an object-store URL stays a string
     existing = check_existing(read_dir_state(out))  # a file or a foreign directory is refused here
     teacher = inspect_teachers(opts.teacher, opts.model_factory, opts.teacher_weights)
     check_positions(opts.seq_len, teacher)
@@ -152,7 +153,8 @@ def prepare_build(opts: BuildOptions) -> PreparedBuild:
     if isinstance(teacher, MixtureInfo) and tokenizer is not None:
         teacher.tokenizer_vocab = tokenizer.tokenizer.get_vocab_size()  # decides whether widths are padding
     data = open_token_data(opts.data, opts.seq_len, data_dtype=opts.data_dtype, tokenizer=tokenizer,
-                           max_sequences=opts.max_sequences, text_documents=opts.text_documents)
+                           max_sequences=opts.max_sequences, text_documents=opts.text_documents,
+                           record_offsets=opts.record_offsets)
     prep = PreparedBuild(opts, out, teacher, tokenizer, data, temperatures, existing=existing)
     if teacher.vocab_size is not None:
         prep.plan(teacher.vocab_size)
@@ -185,7 +187,16 @@ def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
         damaged, rewritten = _check_finished(prep, log)  # before the teacher loads: an intact cache needs none
         if not damaged:
             return _already_complete(prep, clock, log, rewritten)
-    model = load_teachers(prep.teacher, opts.dtype, opts.device)
+    if opts.engine == "ray" and damaged is None:  # build/engine_ray.py: Ray actors load the teacher, write shards
+        from cache_server.build.engine_ray import run_ray_build
+
+        writer, stats, setup_s = run_ray_build(prep, log)
+        if stats is not None:
+            return _finish(prep, writer, stats, clock, setup_s, log)
+        damaged, rewritten = _check_finished(prep, log)  # a factory teacher's finished cache, known only now
+        if not damaged:
+            return _already_complete(prep, clock, log, rewritten)
+    model = load_teachers(prep.teacher, opts.dtype, opts.device)  # a repair always runs here (local engine)
     if prep.layout is None:  # a factory teacher: its vocabulary and position limit are known only now
         check_positions(opts.seq_len, prep.teacher)
         prep.plan(prep.teacher.vocab_size)
@@ -202,7 +213,8 @@ def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
     setup_s = clock.wall_s()
     rank_label = f" rank {opts.rank}/{opts.world_size}" if opts.world_size > 1 else ""
     stats = run_pipeline(model, prep.data.sequences, writer, device=opts.device, batch_size=opts.batch_size,
-                         queue_batches=opts.queue_batches, progress=opts.progress, desc=f"kdcache build{rank_label}")
+                         queue_batches=opts.queue_batches, progress=opts.progress, desc=f"kdcache build{rank_label}",
+                         extra_arrays=prep.data.offsets)
     return _finish(prep, writer, stats, clock, setup_s, log)
 
 
@@ -210,6 +222,10 @@ def _run_locked(prep: PreparedBuild, clock: _Clock, log: Log) -> BuildResult:
 def _build_lock(out: Path, rank: int, world_size: int) -> Iterator[None]:
     """Hold this rank's build lock of ``out``; afterwards (or when refused) leave no lock file or directory
     created for nothing."""
+    if storage.is_url(out):  # a lock object (format/build_lock.py): object stores have no flock
+        with acquire_build_lock(out, rank, world_size):
+            yield
+        return
     out_existed = out.exists()
     try:
         lock = acquire_build_lock(out, rank, world_size)
@@ -307,7 +323,14 @@ def _finish(prep: PreparedBuild, writer: CacheWriter, stats: PipelineStats, cloc
     return result
 
 
+def _shown(out: str) -> str:
+    """The output location for messages: an absolute path, or an object-store URL without secrets."""
+    return storage.redact_url(out) if storage.is_url(out) else os.path.abspath(out)
+
+
 def _dir_bytes(path: Path) -> int:
+    if storage.is_url(path):
+        return sum(storage.open_store(str(path)).sizes().values())
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
@@ -343,7 +366,7 @@ def _print_summary(result: BuildResult, prep: PreparedBuild, writer: CacheWriter
         rewritten = (f"; their new bytes differ from the old manifest (shards {writer.changed_shards}), so the "
                      "manifest was rewritten" if writer.changed_shards else "; the manifest is unchanged")
         log(f"kdcache build: repaired {result.out_dir}: rebuilt shards {result.repaired_shards}{rewritten}\n"
-            f"  output           {os.path.abspath(result.out_dir)}")
+            f"  output           {_shown(result.out_dir)}")
         return
     skipped = prep.data.sequences_available - result.sequences
     lines = [
@@ -357,7 +380,7 @@ def _print_summary(result: BuildResult, prep: PreparedBuild, writer: CacheWriter
         f"  bytes/token      {result.bytes_per_token:.2f} ({_targets_label(layout)}, {layout.logprob_dtype} logprobs, "
         f"{layout.codec})",
         f"  wall time        {result.wall_s:.2f} s ({tokens_per_s:,.0f} tokens/s; forward {result.forward_s:.2f} s)",
-        f"  output           {os.path.abspath(result.out_dir)}",
+        f"  output           {_shown(result.out_dir)}",
     ]
     if prep.data.documents is not None:
         lines.insert(3, f"  documents        {prep.data.documents} (EOS between documents)")

@@ -45,6 +45,7 @@ class BuildOptions:
     tokenizer: str | None = None
     data_dtype: str | None = None
     text_documents: str = "file"
+    record_offsets: bool = False  # store each token's document and byte span (format/offsets.py; text data)
     temperatures: tuple[float, ...] = ()
     targets: str = "topk"  # topk | sample | hybrid (fmt.TARGET_KINDS)
     samples: int = 0  # D draws per position (sample / hybrid)
@@ -66,6 +67,10 @@ class BuildOptions:
     progress: bool = True
     queue_batches: int = 4
     space_check: bool = True
+    engine: str = "local"  # local | ray (build/engine_ray.py: a pool of Ray actors writes whole shards)
+    ray_address: str | None = None  # None: a Ray session of this process; auto / HOST:PORT / ray://HOST:PORT
+    workers: int | None = None  # Ray actors (default: one per GPU of the cluster, or 1 on CPU)
+    gpus_per_worker: float | None = None  # default 1 with a cuda --device, else 0
 
 
 def check_options(opts: BuildOptions) -> tuple[float, ...]:
@@ -93,7 +98,12 @@ def check_options(opts: BuildOptions) -> tuple[float, ...]:
         value = getattr(opts, name)
         if value is not None and value <= 0:
             raise BuildInputError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    check_device(opts.device)
+    if opts.engine not in ("local", "ray"):
+        raise BuildInputError(f"--engine must be local or ray, got {opts.engine!r}")
+    if opts.engine == "ray" and opts.world_size > 1:
+        raise BuildInputError("--engine ray schedules every shard itself: drop --rank/--world-size (or RANK/WORLD_SIZE)")
+    if opts.engine == "local":  # Ray actors check the device where they run (the driver may have no GPU)
+        check_device(opts.device)
     temps = set()
     for tau in opts.temperatures:
         if not (math.isfinite(tau) and tau > 0):
@@ -226,6 +236,7 @@ def plan_layout(
             sample_slots=slots,
             sample_temperature=float(opts.sample_temperature),
             sample_logprobs=bool(opts.sample_logprobs),
+            offsets=bool(opts.record_offsets),
         )
     except ValueError as exc:
         raise BuildInputError(str(exc)) from exc

@@ -25,7 +25,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -36,8 +36,9 @@ from cache_server.build.options import NonFiniteLogitsError
 from cache_server.build.targets import compute_targets, workspace_numel
 from cache_server.build.teacher import forward_logits
 from cache_server.build.writer import CacheWriter
+from cache_server.format.offsets import OFFSET_ARRAYS
 
-__all__ = ["PipelineStats", "run_pipeline"]
+__all__ = ["PipelineStats", "ShardComputer", "run_pipeline"]
 
 
 class _ShardAssembler(threading.Thread):
@@ -187,32 +188,82 @@ def _sample_request(layout: fmt.CacheLayout, seed: int, b0: int, b1: int, device
                                   logprobs=layout.sample_logprobs)
 
 
-def _forward_batches(model, sequences, layout, pending, batch_size, device, assembler, bar, seed) -> float:
-    """Run every batch of the pending shards through the teacher and hand the results to the writer."""
-    forward_s = 0.0
-    workspace: torch.Tensor | None = None  # reused fp32 scratch of compute_targets (a few row chunks of V)
-    sampled = layout.has_samples
-    with torch.inference_mode():
-        for shard_index in pending:
-            start, stop = layout.shard_range(shard_index)
-            for b0 in range(start, stop, batch_size):
-                b1 = min(b0 + batch_size, stop)
+class ShardComputer:
+    """Whole shards through the teacher, batched exactly as the local build batches them, written in order.
+
+    Each shard's rows ``[start, stop)`` are cut into batches ``[b0, b0 + batch_size)`` from its first row (never
+    across shards), so any process that computes a shard with the same --batch-size gets the same bytes: the
+    local loop (:func:`run_pipeline`) and every Ray actor (``engine_ray.py``) use this class. The forward runs
+    in the caller's thread; a background :class:`_ShardAssembler` writes each finished shard through the
+    writer while the caller goes on with the next shard.
+
+    Args:
+        model: the teacher, on ``device``, in eval mode.
+        sequences: [N, T] token ids of the whole cache (rows of the computed shards are read).
+        writer: the cache's writer.
+        device: the teacher's torch device.
+        batch_size: B.
+        queue_batches: batches the caller may run ahead of the writer thread.
+        extra_arrays: arrays [N, T, ...] stored like ``input_ids``, rows copied as given (``--record-offsets``:
+            ``token_doc``, ``token_bytes``; ``cache_server/format/offsets.py``).
+    """
+
+    def __init__(self, model: torch.nn.Module, sequences: np.ndarray, writer: CacheWriter, *, device: str,
+                 batch_size: int, queue_batches: int = 4, extra_arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        self.model, self.sequences, self.layout = model, sequences, writer.layout
+        self.extra_arrays = dict(extra_arrays or {})
+        missing = [name for name in OFFSET_ARRAYS if writer.layout.offsets and name not in self.extra_arrays]
+        if missing:
+            raise ValueError(f"the layout stores {missing} (--record-offsets) but the pipeline was not given them: "
+                             "pass extra_arrays=TokenData.offsets (open_token_data(..., record_offsets=True))")
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.seed = sampling.layout_seed(writer.layout, writer.settings)
+        self.assembler = _ShardAssembler(writer, writer.layout, maxsize=max(1, queue_batches))
+        self.forward_s = 0.0  # forward + targets + starting the host copies, over every shard so far
+        self._workspace: torch.Tensor | None = None  # reused fp32 scratch of compute_targets (a few rows of V)
+        self.assembler.start()
+
+    def forward_shard(self, shard_index: int, on_tokens: Callable[[int], None] | None = None) -> None:
+        """Run every batch of ``shard_index`` through the teacher and queue it for the writer thread."""
+        layout, device, assembler = self.layout, self.device, self.assembler
+        start, stop = layout.shard_range(shard_index)
+        with torch.inference_mode():
+            for b0 in range(start, stop, self.batch_size):
+                b1 = min(b0 + self.batch_size, stop)
                 f0 = time.perf_counter()
-                ids = torch.from_numpy(np.array(sequences[b0:b1], dtype=np.int64)).to(device)  # [B, T]
-                logits = forward_logits(model, ids)  # [B, T, V]
-                need = workspace_numel(logits, sampled=sampled)
-                if workspace is None or workspace.numel() < need:
-                    workspace = torch.empty(need, dtype=torch.float32, device=device)
-                request = _sample_request(layout, seed, b0, b1, device)
-                targets = compute_targets(logits, ids, layout.topk, layout.temperatures, workspace,
+                ids = torch.from_numpy(np.array(self.sequences[b0:b1], dtype=np.int64)).to(device)  # [B, T]
+                logits = forward_logits(self.model, ids)  # [B, T, V]
+                need = workspace_numel(logits, sampled=layout.has_samples)
+                if self._workspace is None or self._workspace.numel() < need:
+                    self._workspace = torch.empty(need, dtype=torch.float32, device=device)
+                request = _sample_request(layout, self.seed, b0, b1, device)
+                targets = compute_targets(logits, ids, layout.topk, layout.temperatures, self._workspace,
                                           sampling_request=request)
                 targets["input_ids"] = ids
                 del logits
                 host, ready = _to_host(targets, layout, device)
-                forward_s += time.perf_counter() - f0
+                for name, array in self.extra_arrays.items():  # inputs stored as they are (text offsets)
+                    host[name] = torch.from_numpy(np.asarray(array[b0:b1], dtype=np.int64))
+                self.forward_s += time.perf_counter() - f0
                 assembler.put((shard_index, b0 - start, host, ready))
-                bar.update((b1 - b0) * layout.seq_len)
-    return forward_s
+                if on_tokens is not None:
+                    on_tokens((b1 - b0) * layout.seq_len)
+
+    def close(self) -> None:
+        """Write every queued shard, stop the writer thread, re-raise its error."""
+        self.assembler.close()
+
+    def abort(self) -> None:
+        """Stop the writer thread without writing what is queued; finished shards stay."""
+        _stop(self.assembler)
+
+    def fill_stats(self, stats: PipelineStats) -> PipelineStats:
+        """Copy what the writer thread did into ``stats``."""
+        assembler = self.assembler
+        stats.forward_s = self.forward_s
+        stats.shards_written, stats.shard_bytes = assembler.shards_written, assembler.shard_bytes
+        stats.writer_thread_cpu_s, stats.writer_write_s = assembler.cpu_s, assembler.write_s
+        return stats
 
 
 def run_pipeline(
@@ -225,6 +276,7 @@ def run_pipeline(
     queue_batches: int = 4,
     progress: bool = True,
     desc: str = "kdcache build",
+    extra_arrays: Mapping[str, np.ndarray] | None = None,
 ) -> PipelineStats:
     """Compute and write every shard ``writer`` still lacks for this rank, with a tqdm progress bar.
 
@@ -237,6 +289,7 @@ def run_pipeline(
         queue_batches: batches the main thread may run ahead of the writer thread.
         progress: show the progress bar.
         desc: the progress bar's label.
+        extra_arrays: arrays stored like ``input_ids`` (see :class:`ShardComputer`).
     """
     from tqdm.auto import tqdm
 
@@ -245,22 +298,20 @@ def run_pipeline(
     pending_tokens = sum(stop - start for start, stop in map(layout.shard_range, pending)) * layout.seq_len
     bar = tqdm(total=int(pending_tokens), unit="tok", unit_scale=True, desc=desc, disable=not progress,
                dynamic_ncols=True)
-    assembler = _ShardAssembler(writer, layout, maxsize=max(1, queue_batches))
+    computer = ShardComputer(model, sequences, writer, device=device, batch_size=batch_size,
+                             queue_batches=queue_batches, extra_arrays=extra_arrays)
+    assembler = computer.assembler
     assembler.on_shard = lambda i: bar.set_postfix_str(f"shards {assembler.shards_written}/{len(pending)}")
     stats = PipelineStats()
-    assembler.start()
     try:
-        seed = sampling.layout_seed(layout, writer.settings)
-        stats.forward_s = _forward_batches(model, sequences, layout, pending, batch_size, torch.device(device),
-                                           assembler, bar, seed)
+        for shard_index in pending:
+            computer.forward_shard(shard_index, bar.update)
         drain0 = time.perf_counter()
-        assembler.close()
+        computer.close()
         stats.drain_s = time.perf_counter() - drain0
     except BaseException:
-        _stop(assembler)
+        computer.abort()
         raise
     finally:
         bar.close()
-    stats.shards_written, stats.shard_bytes = assembler.shards_written, assembler.shard_bytes
-    stats.writer_thread_cpu_s, stats.writer_write_s = assembler.cpu_s, assembler.write_s
-    return stats
+    return computer.fill_stats(stats)

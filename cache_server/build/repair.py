@@ -14,13 +14,19 @@ from typing import Any, Callable, Mapping
 
 from cache_server import format as fmt
 from cache_server.build.writer import atomic_write_bytes
+from cache_server.format import storage
 
 __all__ = ["find_damaged_shards", "repair_metadata"]
 
 
 def repair_metadata(cache_dir: Path, layout: fmt.CacheLayout, log: Callable[[str], None]) -> list[str]:
     """Rewrite the Zarr metadata files of ``cache_dir`` that are not what ``layout`` implies; return their
-    paths relative to the cache. The manifest (which does not record them) stays as it is."""
+    paths relative to the cache. The manifest (which does not record them) stays as it is.
+
+    ``cache_dir`` may be an object-store URL: its metadata objects are compared and rewritten (one PUT each).
+    """
+    if storage.is_url(cache_dir):
+        return _repair_object_metadata(storage.open_store(str(cache_dir)), layout, log)
     damaged = fmt.damaged_metadata(cache_dir, layout)
     if not damaged:
         return []
@@ -47,6 +53,8 @@ def find_damaged_shards(
     from tqdm.auto import tqdm
 
     wanted = set(shards)
+    if storage.is_url(cache_dir):
+        return _find_damaged_objects(storage.open_store(str(cache_dir)), manifest, wanted)
     files = [(name, i, path) for name, i, path in fmt.iter_shard_files(cache_dir, manifest) if i in wanted]
     total = sum(int(manifest["shards"][name][i]["nbytes"]) for name, i, _ in files)
     damaged: dict[int, list[str]] = {}
@@ -64,4 +72,34 @@ def find_damaged_shards(
             except fmt.CorruptShardError as exc:
                 damaged.setdefault(i, []).append(f"{name}: {exc.reason}")
             bar.update(len(raw))
+    return damaged
+
+
+def _repair_object_metadata(store: storage.ObjectStore, layout: fmt.CacheLayout,
+                            log: Callable[[str], None]) -> list[str]:
+    """:func:`repair_metadata` on an object store."""
+    expected = fmt.expected_metadata(layout)
+    found = store.read_many(sorted(expected))
+    damaged = sorted(relpath for relpath, raw in expected.items() if found.get(relpath) != raw)
+    for relpath in damaged:
+        log(f"{store.description}: Zarr metadata {relpath}: missing or not what the layout implies; rewriting it")
+        store.write_bytes(relpath, expected[relpath])
+    return damaged
+
+
+def _find_damaged_objects(store: storage.ObjectStore, manifest: Mapping[str, Any],
+                          wanted: set[int]) -> dict[int, list[str]]:
+    """:func:`find_damaged_shards` on an object store (each object read whole, one shard at a time)."""
+    damaged: dict[int, list[str]] = {}
+    for name, i, path in fmt.iter_shard_files("", manifest):
+        if i not in wanted:
+            continue
+        relpath = path.as_posix()
+        try:
+            fmt.verify_shard_bytes(store.read_bytes(relpath), manifest["shards"][name][i], name, i,
+                                   store.child_url(relpath))
+        except FileNotFoundError:
+            damaged.setdefault(i, []).append(f"{name}: the object is missing")
+        except fmt.CorruptShardError as exc:
+            damaged.setdefault(i, []).append(f"{name}: {exc.reason}")
     return damaged

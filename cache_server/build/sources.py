@@ -91,6 +91,9 @@ class TokenData:
     documents: int | None = None  # text inputs: documents tokenized
     text_documents: str | None = None  # .txt inputs: what one document is (--text-documents)
     data_dtype: str | None = None  # .bin inputs: the dtype the stream was read as (--data-dtype)
+    # --record-offsets (text inputs): token_doc [N, T], token_bytes [N, T, 2] uint32 (format/offsets.py)
+    offsets: dict[str, np.ndarray] | None = None
+    documents_sha256: list[str] | None = None  # --record-offsets: each input document's fingerprint
     _fingerprint: str | None = None
     _min_max: tuple[int, int] | None = None
 
@@ -176,6 +179,8 @@ class TokenData:
             entry["text_documents"] = self.text_documents
         if self.data_dtype is not None:
             entry["data_dtype"] = self.data_dtype
+        if self.documents_sha256 is not None:
+            entry["documents_sha256"] = self.documents_sha256
         return entry
 
 
@@ -296,6 +301,7 @@ class _Ids:
     layout: str  # "stream" | "rows"
     notes: list[str] = field(default_factory=list)
     documents: int | None = None
+    offsets: Any = None  # text_inputs.TextOffsets with --record-offsets
 
 
 def _load_npy(path: Path) -> _Ids:
@@ -327,27 +333,29 @@ def _load_bin(path: Path, data_dtype: str | None) -> _Ids:
     return _Ids(np.memmap(path, dtype=dtype.newbyteorder("<"), mode="r") if size else np.zeros(0, dtype), "stream")
 
 
-def _load_table(path: Path, fmt: str, seq_len: int, tokenizer: TokenizerInfo | None) -> _Ids:
+def _load_table(path: Path, fmt: str, seq_len: int, tokenizer: TokenizerInfo | None, record_offsets: bool) -> _Ids:
     table = _read_hf_dataset(path) if fmt == "hf-dataset" else _read_arrow_table(path, fmt)
     if table.num_rows == 0:
         raise DataError(f"{path} is empty (0 rows); nothing to build")
     if table.column_names == ["text"]:
-        ids, count, notes = tokenize_documents(text_column_documents(table.column("text"), str(path)), tokenizer, str(path))
-        return _Ids(ids, "stream", notes, count)
+        ids, count, notes, offsets = tokenize_documents(text_column_documents(table.column("text"), str(path)),
+                                                        tokenizer, str(path), record_offsets)
+        return _Ids(ids, "stream", notes, count, offsets)
     ids, layout, notes = _column_to_array(table.column("input_ids"), str(path), seq_len)
     return _Ids(ids, layout, notes)
 
 
-def _load_ids(path: Path, fmt: str, seq_len: int, data_dtype, tokenizer, text_documents: str) -> _Ids:
+def _load_ids(path: Path, fmt: str, seq_len: int, data_dtype, tokenizer, text_documents: str,
+              record_offsets: bool = False) -> _Ids:
     if fmt == "npy":
         return _load_npy(path)
     if fmt == "bin":
         return _load_bin(path, data_dtype)
     if fmt in ("parquet", "arrow", "hf-dataset"):
-        return _load_table(path, fmt, seq_len, tokenizer)
+        return _load_table(path, fmt, seq_len, tokenizer, record_offsets)
     documents = txt_documents(path, text_documents) if fmt == "txt" else jsonl_documents(path)
-    ids, count, notes = tokenize_documents(documents, tokenizer, str(path))
-    return _Ids(ids, "stream", notes, count)
+    ids, count, notes, offsets = tokenize_documents(documents, tokenizer, str(path), record_offsets)
+    return _Ids(ids, "stream", notes, count, offsets)
 
 
 def open_token_data(
@@ -358,6 +366,7 @@ def open_token_data(
     tokenizer: TokenizerInfo | None = None,
     max_sequences: int | None = None,
     text_documents: str = "file",
+    record_offsets: bool = False,
 ) -> TokenData:
     """Open token data and return its [N, T] sequences, validating shape and dtype (not yet vocab range).
 
@@ -368,6 +377,8 @@ def open_token_data(
         tokenizer: for text inputs.
         max_sequences: keep only the first N sequences.
         text_documents: what one document of a ``.txt`` file is: file | blank-line | line.
+        record_offsets: also keep each token's document and UTF-8 byte span (text inputs only;
+            ``cache_server/format/offsets.py``).
 
     Raises:
         DataError: missing/unknown/empty input, data shorter than T, 2-D rows of length != T, non-integer
@@ -384,7 +395,10 @@ def open_token_data(
         raise DataError(f"--text-documents must be one of {', '.join(TEXT_DOCUMENT_MODES)}, got {text_documents!r}")
     if max_sequences is not None and max_sequences <= 0:
         raise DataError(f"--max-sequences must be positive, got {max_sequences}")
-    loaded = _load_ids(path, fmt, seq_len, data_dtype, tokenizer, text_documents)
+    loaded = _load_ids(path, fmt, seq_len, data_dtype, tokenizer, text_documents, record_offsets)
+    if record_offsets and loaded.offsets is None:
+        raise DataError(f"--record-offsets needs text input (.txt, .jsonl, or a table with a 'text' column and no "
+                        f"'input_ids'); {source} holds token ids, whose text is unknown")
     ids = loaded.ids
     if not np.issubdtype(ids.dtype, np.integer):
         raise DataError(f"{source} holds {ids.dtype} values; token ids must be integers")
@@ -405,6 +419,8 @@ def open_token_data(
         documents=loaded.documents,
         text_documents=text_documents if fmt == "txt" else None,
         data_dtype=np.dtype(data_dtype or _BIN_DEFAULT_DTYPE).name if fmt == "bin" else None,
+        offsets=None if loaded.offsets is None else dict(zip(("token_doc", "token_bytes"), loaded.offsets.cut(n, seq_len))),
+        documents_sha256=None if loaded.offsets is None else loaded.offsets.documents_sha256,
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cache_server import format as fmt
+from cache_server.format import storage
 
 __all__ = [
     "OutOfSpaceError",
@@ -113,7 +114,12 @@ def check_free_space(
         layout: the cache's layout.
         written: journal entries of the shards already written (a resumed build).
         reclaimable_bytes: bytes the build deletes before writing (the old cache it overwrites).
+
+    An object-store ``out_dir`` (a URL) is not checked: a bucket has no free-space figure (its staging
+    directory holds one shard at a time).
     """
+    if storage.is_url(out_dir):
+        return
     total, written_bytes, basis = estimate_cache_bytes(layout, written)
     need, free = total - written_bytes, free_bytes(out_dir) + reclaimable_bytes
     if need > free:

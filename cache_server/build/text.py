@@ -20,16 +20,23 @@ invisible to the tokenizer, so a chunk is cut only where encoding can restart wi
 
 When no cut passes (a tokenizer that prepends a space to every input, one giant word), the document is
 encoded whole instead: slower for huge inputs, never different.
+
+With ``--record-offsets`` (:func:`encode_documents_with_offsets`) every document is encoded whole (the ids are
+the same, see above) and each token's UTF-8 byte span in its document is kept, plus each document's
+fingerprint; ``cache_server/format/offsets.py`` defines those arrays.
 """
 
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Union
 
 import numpy as np
 
-__all__ = ["Document", "encode_document", "encode_documents"]
+from cache_server.format import offsets as text_offsets
+
+__all__ = ["Document", "TextOffsets", "encode_document", "encode_documents", "encode_documents_with_offsets"]
 
 # A document: its text, or a function returning its text in pieces (read again if it must be encoded whole).
 Document = Union[str, Callable[[], Iterable[str]]]
@@ -172,3 +179,53 @@ def encode_documents(documents: Iterable[Document], tokenizer: Any, eos_id: int 
     flush()
     ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
     return ids, count
+
+
+@dataclass
+class TextOffsets:
+    """The offsets of a token stream (``cache_server/format/offsets.py``): [L] and [L, 2] uint32, one per id."""
+
+    token_doc: np.ndarray  # [L] uint32
+    token_bytes: np.ndarray  # [L, 2] uint32
+    documents_sha256: list[str]  # one per input document, in input order
+
+    def cut(self, sequences: int, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """The first ``sequences`` rows of T tokens, cut like the ids: [N, T] and [N, T, 2]."""
+        stop = sequences * seq_len
+        return (self.token_doc[:stop].reshape(sequences, seq_len),
+                self.token_bytes[:stop].reshape(sequences, seq_len, 2))
+
+
+def encode_documents_with_offsets(documents: Iterable[Document], tokenizer: Any,
+                                  eos_id: int | None) -> tuple[np.ndarray, int, TextOffsets]:
+    """:func:`encode_documents` plus each token's document and UTF-8 byte span (each document encoded whole).
+
+    Returns:
+        ``(ids [L] uint32, documents with tokens, offsets)``; ``ids`` equal :func:`encode_documents`'.
+    """
+    parts: list[np.ndarray] = []
+    spans: list[tuple[int, np.ndarray, int]] = []
+    fingerprints: list[str] = []
+    separator = np.asarray([] if eos_id is None else [eos_id], dtype=np.uint32)
+    batch: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        encodings = tokenizer.encode_batch([text for _, text in batch], add_special_tokens=False) if batch else ()
+        for (index, text), encoding in zip(batch, encodings):
+            if encoding.ids:
+                parts.extend([separator, np.asarray(encoding.ids, dtype=np.uint32)] if spans else
+                             [np.asarray(encoding.ids, dtype=np.uint32)])
+                spans.append((index, text_offsets.char_to_byte_spans(text, encoding.offsets),
+                              len(text.encode("utf-8", "surrogatepass"))))
+        batch.clear()
+
+    for index, document in enumerate(documents):
+        text = document if isinstance(document, str) else "".join(document())
+        fingerprints.append(text_offsets.document_fingerprint(text))
+        batch.append((index, text))
+        if len(batch) == _BATCH_DOCS or len(text) > _CHUNK_CHARS:
+            flush()
+    flush()
+    ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+    token_doc, token_bytes = text_offsets.stream_offsets(spans, eos=eos_id is not None)
+    return ids, len(spans), TextOffsets(token_doc, token_bytes, fingerprints)

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from cache_server.build.errors import DataError
-from cache_server.build.text import Document, encode_documents
+from cache_server.build.text import Document, TextOffsets, encode_documents, encode_documents_with_offsets
 
 __all__ = [
     "TEXT_DOCUMENT_MODES",
@@ -136,9 +136,13 @@ def jsonl_documents(path: Path) -> Iterator[str]:
 
 
 def tokenize_documents(
-    documents: Iterable[Document], tokenizer: TokenizerInfo | None, source: str
-) -> tuple[np.ndarray, int, list[str]]:
-    """(ids, number of documents, notes) of text documents: each encoded as one text, EOS between them."""
+    documents: Iterable[Document], tokenizer: TokenizerInfo | None, source: str, record_offsets: bool = False
+) -> tuple[np.ndarray, int, list[str], TextOffsets | None]:
+    """(ids, number of documents, notes, offsets) of text documents: each encoded as one text, EOS between them.
+
+    ``offsets`` (``--record-offsets``; else None) holds each token's document and byte span, and each
+    document's fingerprint (``cache_server/format/offsets.py``).
+    """
     if tokenizer is None:
         raise DataError(
             f"{source} is text; pass --tokenizer DIR (a directory with tokenizer.json, usually the teacher's)"
@@ -147,14 +151,19 @@ def tokenize_documents(
     first = next(documents, None)  # reading starts, and reports bad input, before the tokenizer runs
     if first is None:
         raise DataError(f"{source} holds no documents (no text); nothing to build")
-    ids, count = encode_documents(itertools.chain([first], documents), tokenizer.tokenizer, tokenizer.eos_id)
+    documents = itertools.chain([first], documents)
+    offsets = None
+    if record_offsets:
+        ids, count, offsets = encode_documents_with_offsets(documents, tokenizer.tokenizer, tokenizer.eos_id)
+    else:
+        ids, count = encode_documents(documents, tokenizer.tokenizer, tokenizer.eos_id)
     notes = []
     if tokenizer.eos_id is None and count > 1:
         notes.append(
             f"the tokenizer at {tokenizer.path} names no EOS token (tokenizer_config.json eos_token), so the "
             f"{count} documents were joined without a separator"
         )
-    return ids, count, notes
+    return ids, count, notes, offsets
 
 
 def text_column_documents(column, source: str) -> Iterator[str]:

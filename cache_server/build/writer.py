@@ -1,4 +1,4 @@
-"""Crash-safe, resumable writer of a kdcache directory, and the one owner of "what does this directory hold".
+"""Crash-safe, resumable writer of a kdcache directory (or object-store prefix).
 
 The writer owns the persistent state of a build, not the teacher computation (see ``pipeline.py``):
 
@@ -18,6 +18,10 @@ Shard files are deterministic functions of their data and codec, so a resumed bu
 an uninterrupted one. Several processes (one per GPU) may share a build: process ``rank`` of ``world_size``
 writes shards ``i % world_size == rank``; rank 0 creates the metadata, the last one to finish writes the
 manifest. A finished cache whose shard files were damaged is repaired in place (:meth:`CacheWriter.begin_repair`).
+
+``out_dir`` may be an object-store URL (``s3://bucket/prefix``): the same state lives there as whole objects,
+zarr writes each shard into a local staging directory first, and the shard's objects are uploaded before its
+journal object (``objstore.py``; what the directory or prefix holds is ``dirstate.py``'s business).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -36,7 +39,19 @@ import numpy as np
 from cache_server import format as fmt
 from cache_server.build import space
 from cache_server.build.assemble import STATS_ARRAYS, layout_dict, manifest_from_entries, shard_stats
-from cache_server.format.build_lock import BUILD_STATE_DIR, is_lock_file
+from cache_server.build.dirstate import (
+    JOURNAL_DIR,
+    SETTINGS_NAME,
+    STATE_DIR,
+    BuildStateError,
+    DirState,
+    check_existing,
+    journal_entries,
+    read_dir_state,
+)
+from cache_server.build.objstore import ObjectOutput
+from cache_server.format import storage
+from cache_server.format.build_lock import is_lock_file
 
 __all__ = [
     "CacheWriter",
@@ -49,13 +64,8 @@ __all__ = [
     "journal_entries",
 ]
 
-STATE_DIR = BUILD_STATE_DIR
-_SETTINGS_NAME = "settings.json"
-_JOURNAL_DIR = "shards"
-
-
-class BuildStateError(fmt.CacheError):
-    """The output directory holds something a build must not touch (or a build with other settings)."""
+_SETTINGS_NAME = SETTINGS_NAME
+_JOURNAL_DIR = JOURNAL_DIR
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -80,133 +90,8 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-# ------------------------------------------------------------------ what the output directory holds
-
-
-@dataclass(frozen=True)
-class DirState:
-    """What an output directory holds, as far as a build is concerned.
-
-    ``kind`` is one of: ``new`` (missing, empty, or holding only build locks), ``complete`` (a manifest),
-    ``unfinished`` (settings.json of a build that has not finished), ``setup`` (a build killed while it
-    created the metadata, before settings.json: safe to start over), ``foreign`` (anything else), ``file``.
-    """
-
-    path: Path
-    kind: str
-    manifest: dict[str, Any] | None = None
-    settings_blob: dict[str, Any] | None = None  # {"layout": ..., "settings": ...} of an unfinished build
-    problem: str | None = None  # a "complete" cache whose manifest cannot be read: why
-
-
 def _is_lock_file(path: Path) -> bool:
     return is_lock_file(path.name)  # build_lock's lock files: kept whenever the state is cleared
-
-
-def _zarr_group_is_ours(out: Path) -> bool:
-    try:
-        attributes = json.loads((out / "zarr.json").read_text()).get("attributes") or {}
-    except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(attributes, dict) and "kdcache" in attributes
-
-
-def read_dir_state(out_dir: str | os.PathLike) -> DirState:
-    """Classify ``out_dir`` without changing anything (see :class:`DirState`)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        return DirState(out, "file")
-    if not out.exists():
-        return DirState(out, "new")
-    state_dir = out / STATE_DIR
-    if (out / fmt.MANIFEST_NAME).exists():
-        try:
-            return DirState(out, "complete", manifest=fmt.load_manifest(out, during_build=True))
-        except fmt.CacheError as exc:
-            return DirState(out, "complete", problem=str(exc))
-    if (state_dir / _SETTINGS_NAME).exists():
-        return DirState(out, "unfinished", settings_blob=json.loads((state_dir / _SETTINGS_NAME).read_text()))
-    others = [p for p in out.iterdir() if p.name != STATE_DIR]
-    only_locks = not state_dir.exists() or all(_is_lock_file(p) for p in state_dir.iterdir())
-    if not others and only_locks:
-        return DirState(out, "new")
-    if state_dir.is_dir() and (not others or _zarr_group_is_ours(out)):
-        return DirState(out, "setup")
-    return DirState(out, "foreign")
-
-
-def _diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
-    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not keys:
-        return "layout differs"
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5])
-
-
-def check_existing(
-    state: DirState,
-    layout: fmt.CacheLayout | None = None,
-    settings: Mapping[str, Any] | None = None,
-    *,
-    overwrite: bool = False,
-) -> str:
-    """What a build with ``layout``/``settings`` may do with ``state``; raise BuildStateError if nothing.
-
-    Returns:
-        ``new`` (create), ``resume`` (same unfinished build), ``complete`` (same finished cache),
-        ``restart`` (wipe our own files first: ``--overwrite``, or an interrupted setup); with
-        ``layout=None`` (settings not known yet) only the checks that need no settings are made, and the
-        state's kind is returned.
-    """
-    where = str(state.path)
-    if state.kind == "file":
-        raise BuildStateError(f"output path {where!r} is a file; pass a directory path to --out")
-    if state.kind == "foreign":
-        raise BuildStateError(
-            f"{where!r} exists, is not empty and is not a kdcache cache; refusing to write into it "
-            "(nothing was changed). Choose an empty or new --out directory"
-        )
-    if state.kind in ("new", "setup") or layout is None:
-        return {"new": "new", "setup": "restart"}.get(state.kind, state.kind)
-    settings = json.loads(json.dumps(dict(settings or {}), sort_keys=True))
-    if state.kind == "complete" and state.problem is not None:
-        if overwrite:
-            return "restart"
-        raise BuildStateError(
-            f"{where!r} holds a cache whose manifest cannot be used ({state.problem}); without it the shards "
-            "cannot be checked, so pass --overwrite to build the cache again from scratch (or copy an intact "
-            "manifest.json back first)"
-        )
-    if state.kind == "complete":
-        previous = state.manifest.get("build_args") or {}
-        if previous == settings and state.manifest.get("layout") == layout_dict(layout) and not overwrite:
-            return "complete"
-        if overwrite:
-            return "restart"
-        raise BuildStateError(
-            f"{where!r} already holds a finished cache built with different settings "
-            f"({_diff(previous, settings)}); pass --overwrite to replace it, or choose another --out"
-        )
-    previous_blob = state.settings_blob or {}
-    if previous_blob == {"layout": layout_dict(layout), "settings": settings}:
-        return "resume"
-    if overwrite:
-        return "restart"
-    raise BuildStateError(
-        f"{where!r} holds an unfinished build with different settings "
-        f"({_diff(previous_blob.get('settings', {}), settings)}); rerun with the original arguments to resume "
-        "it, or pass --overwrite to start over"
-    )
-
-
-def journal_entries(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """The journal entries of the shards an unfinished build has written (empty for anything else)."""
-    entries = []
-    for path in sorted((Path(out_dir) / STATE_DIR / _JOURNAL_DIR).glob("*.json")):
-        try:
-            entries.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue  # removed by a finishing rank meanwhile
-    return entries
 
 
 def _clear_state_dir(state_dir: Path) -> None:
@@ -239,6 +124,9 @@ class CacheWriter:
         overwrite: replace an existing cache or build with different settings.
         rank / world_size: this process's part of a multi-process build.
         wait_for_rank0_s: how long a rank > 0 waits for rank 0 to create the metadata.
+        storage_options: fsspec options when ``out_dir`` is an object-store URL (``s3://bucket/prefix``; default
+            ``$KDCACHE_STORAGE_OPTIONS``). Then zarr writes each shard into a local staging directory
+            (``self.out_dir``) and the shard is uploaded as whole objects before it is journaled (``objstore.py``).
     """
 
     def __init__(
@@ -252,10 +140,13 @@ class CacheWriter:
         rank: int = 0,
         world_size: int = 1,
         wait_for_rank0_s: float = 600.0,
+        storage_options: Mapping[str, Any] | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        self.out_dir = Path(out_dir)
+        self._remote = ObjectOutput(str(out_dir), storage_options) if storage.is_url(out_dir) else None
+        self.location: str | Path = str(out_dir) if self._remote is not None else Path(out_dir)
+        self.out_dir = self._remote.staging if self._remote is not None else Path(out_dir)
         self.layout = layout
         self.settings = json.loads(json.dumps(dict(settings), sort_keys=True))  # normalized, JSON-only
         self.manifest_fields = dict(manifest_fields or {})
@@ -277,7 +168,15 @@ class CacheWriter:
         return {"layout": layout_dict(self.layout), "settings": self.settings}
 
     def _prepare(self, overwrite: bool) -> None:
-        action = check_existing(read_dir_state(self.out_dir), self.layout, self.settings, overwrite=overwrite)
+        action = check_existing(read_dir_state(self.location), self.layout, self.settings, overwrite=overwrite)
+        if self._remote is not None and action == "complete":
+            self.already_complete = True
+            self._remote.clear_state()  # a crash between the manifest and the journal's removal leaves the latter
+            self._remote.prepare("resume", self.layout, b"")  # staging metadata only: a repair writes shards there
+            return
+        if self._remote is not None:
+            self._remote.prepare(action, self.layout, fmt.manifest_bytes(self._settings_blob()))
+            return
         if action == "complete":
             self.already_complete = True
             # A crash between writing the manifest and removing the build state leaves the latter.
@@ -309,6 +208,10 @@ class CacheWriter:
                 child.unlink()
 
     def _wait_for_state(self, timeout_s: float) -> None:
+        if self._remote is not None:
+            self.already_complete = self._remote.wait_for_settings(self.layout, self._settings_blob(), self.rank,
+                                                                   timeout_s)
+            return
         deadline = time.monotonic() + timeout_s
         settings_path = self.state_dir / _SETTINGS_NAME
         while not settings_path.exists():
@@ -333,6 +236,8 @@ class CacheWriter:
             return set(range(self.layout.num_shards))
         if self._repair is not None:
             return set(range(self.layout.num_shards)) - set(self.pending_shards())
+        if self._remote is not None:
+            return self._remote.journaled()
         return {int(p.stem) for p in self.journal_dir.glob("*.json") if p.stem.isdigit()}
 
     def pending_shards(self) -> list[int]:
@@ -375,7 +280,9 @@ class CacheWriter:
             for spec in self.layout.arrays():
                 _fsync_file(self.out_dir / fmt.shard_relpath(spec.name, shard_index, 1 + len(spec.trailing_shape)))
             entry = {"shard": shard_index, "files": checksums, "stats": shard_stats(arrays)}
-            if self._repair is None:
+            if self._remote is not None:
+                self._remote.commit_shard(self.layout, shard_index, entry, journal=self._repair is None)
+            elif self._repair is None:
                 atomic_write_bytes(self._journal_path(shard_index), fmt.manifest_bytes(entry))
         except Exception as exc:
             if not space.is_out_of_space(exc):
@@ -406,6 +313,8 @@ class CacheWriter:
         """Write manifest.json if every shard is journaled; return it (None if shards are missing)."""
         if self._repair is not None:
             return self._finish_repair()
+        if self._remote is not None:
+            return self._finalize_remote()
         manifest_path = self.out_dir / fmt.MANIFEST_NAME
         if self.already_complete or manifest_path.exists():
             return fmt.load_manifest(self.out_dir, during_build=True)
@@ -427,7 +336,20 @@ class CacheWriter:
         finally:
             os.close(fd)
 
+    def _finalize_remote(self) -> dict[str, Any] | None:
+        """The object-store finalize: the manifest in one PUT once every shard is journaled, then the journal goes."""
+        manifest = self._remote.load_manifest()
+        if manifest is None and not self.already_complete and self.is_complete():
+            manifest = manifest_from_entries(self.layout, self.settings, self.manifest_fields, self._remote.entries())
+            self._remote.write_manifest(manifest)
+        if manifest is not None:
+            self._remote.clear_state()
+        return manifest
+
     def _write_manifest(self, manifest: Mapping[str, Any]) -> None:
+        if self._remote is not None:
+            self._remote.write_manifest(manifest)
+            return
         try:
             atomic_write_bytes(self.out_dir / fmt.MANIFEST_NAME, fmt.manifest_bytes(manifest))
         except OSError as exc:
@@ -438,7 +360,7 @@ class CacheWriter:
 
     def _finish_repair(self) -> dict[str, Any]:
         """The manifest after a repair: unchanged when every rewritten file has its old checksum."""
-        manifest = fmt.load_manifest(self.out_dir, during_build=True)
+        manifest = fmt.load_manifest(self.location, during_build=True)
         self.changed_shards = sorted(
             i for i, entry in self._repaired.items()
             if any(entry["files"][name] != manifest["shards"][name][i] for name in entry["files"])
@@ -464,7 +386,8 @@ class CacheWriter:
         arrays = {}
         for name in (n for n in STATS_ARRAYS if n in specs):  # the kinds' arrays differ (topk/sample)
             spec = specs[name]
-            path = self.out_dir / fmt.shard_relpath(name, shard_index, 1 + len(spec.trailing_shape))
-            arrays[name] = fmt.decode_shard(path.read_bytes(), spec, self.layout, shard_index)
+            relpath = fmt.shard_relpath(name, shard_index, 1 + len(spec.trailing_shape))
+            raw = self._remote.read_shard(relpath) if self._remote is not None else (self.out_dir / relpath).read_bytes()
+            arrays[name] = fmt.decode_shard(raw, spec, self.layout, shard_index)
         files = {name: manifest["shards"][name][shard_index] for name in specs}
         return {"shard": shard_index, "files": files, "stats": shard_stats(arrays)}

@@ -31,6 +31,8 @@ SUBCOMMANDS = {
     "verify": "cache_server.cli.verify",
     "serve": "cache_server.cli.serve",
     "merge": "cache_server.cli.merge",
+    "import": "cache_server.cli.import_cmd",
+    "export": "cache_server.cli.export",
 }
 
 EPILOG = """\
@@ -41,6 +43,8 @@ examples:
   kdcache verify ./cache --decoded
   kdcache serve ./cache --port 8000
   kdcache merge ./cache-a ./cache-b --weights 0.7,0.3 --out ./cache-ab
+  kdcache import ./kd_dataset.parquet --from axolotl --vocab-size 151936 --out ./cache
+  kdcache export ./cache --to axolotl --out ./kd_dataset.parquet
 
 Run "kdcache COMMAND --help" for the options of one command. Exit status: 0 success, 1 a damaged cache
 (verify) or an internal error, 2 bad input, 130 interrupted. Set KDCACHE_DEBUG=1 to see the traceback of

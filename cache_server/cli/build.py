@@ -49,6 +49,13 @@ examples:
   # 4 GPUs: one process per rank (or set RANK / WORLD_SIZE); the last rank to finish writes the manifest
   for r in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$r kdcache build ... --rank $r --world-size 4 --device cuda & done
 
+  # a Ray cluster ("ray start --head" on one node, "ray start --address HEAD:6379" on the others; --out and
+  # --data on a shared filesystem): one actor per GPU, shards of dead actors redone, rerun to resume
+  kdcache build ... --device cuda --dtype bfloat16 --engine ray --ray-address auto --out /shared/cache
+
+  # straight to object storage (credentials from the environment or profile, never stored in the cache)
+  kdcache build ... --out s3://bucket/caches/run1 --storage-options '{"client_kwargs": {"region_name": "eu-west-1"}}'
+
 Data: .npy (1-D or 2-D), .bin (--data-dtype), .parquet, .arrow/.feather or a datasets.save_to_disk
 directory (column input_ids, or a string column text tokenized one row per document), .txt (see
 --text-documents) and .jsonl (the "text" field of each line is one document), tokenized with --tokenizer.
@@ -121,7 +128,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                      "--targets sample)")
     req.add_argument("--seq-len", required=True, type=int, metavar="T",
                      help="positions per sequence (at most the teacher's maximum positions)")
-    req.add_argument("--out", required=True, metavar="DIR", help="cache directory (created; resumed if unfinished)")
+    req.add_argument("--out", required=True, metavar="DIR", help="cache directory, or an fsspec URL such as "
+                     "s3://bucket/prefix (created; resumed if unfinished)")
 
     t = p.add_argument_group("teacher")
     t.add_argument("--model-factory", metavar="MODULE:FUNCTION",
@@ -139,6 +147,8 @@ def register(subparsers) -> argparse.ArgumentParser:
     d.add_argument("--text-documents", default="file", choices=TEXT_DOCUMENT_MODES,
                    help="what one document of a .txt file is: file, the whole file (default); blank-line, "
                    "each run of non-blank lines; line, each non-blank line")
+    d.add_argument("--record-offsets", action="store_true", help="text data: also store each token's document "
+                   "and byte span, for students with other tokenizers (kdlib.crosstok; docs/FORMAT.md)")
     d.add_argument("--data-dtype", choices=["uint16", "uint32"], help="dtype of a raw .bin token stream (default uint16)")
     d.add_argument("--max-sequences", type=int, metavar="N", help="use only the first N sequences (quick runs)")
 
@@ -166,7 +176,28 @@ def register(subparsers) -> argparse.ArgumentParser:
     r.add_argument("--no-space-check", action="store_true",
                    help="start even if the estimated cache size exceeds the free space of the output filesystem")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    _add_engine_flags(p)
     return p
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """The engine that computes the shards (local or Ray) and the options of an object-store --out."""
+    e = p.add_argument_group("engine (see README: which engine when)")
+    e.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="local: this process (with --rank/--world-size, one of several); ray: a pool of Ray actors "
+                   "computes and writes whole shards, re-queueing those of actors that die (pip install "
+                   "'kdcache[ray]')")
+    e.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (default: a Ray session of this "
+                   "process on this machine)")
+    e.add_argument("--workers", type=int, metavar="N",
+                   help="Ray actors, each loading the teacher once (default: one per GPU of the cluster with a "
+                   "cuda --device, else 1)")
+    e.add_argument("--gpus-per-worker", type=float, metavar="G",
+                   help="GPUs per Ray actor (default 1 with a cuda --device, 0 on CPU)")
+    e.add_argument("--storage-options", default=None, metavar="JSON",
+                   help="fsspec options for an --out URL, as a JSON object (default $KDCACHE_STORAGE_OPTIONS)")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -182,7 +213,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run(args: argparse.Namespace) -> int:
     from cache_server.build.job import run_build
     from cache_server.build.options import BuildOptions
+    from cache_server.format import storage
 
+    storage.use_storage_options(args.storage_options)
     run_build(BuildOptions(
         teacher=args.teacher[0] if len(args.teacher) == 1 else tuple(args.teacher),
         teacher_weights=args.teacher_weights,
@@ -194,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         data_dtype=args.data_dtype,
         text_documents=args.text_documents,
+        record_offsets=args.record_offsets,
         temperatures=tuple(args.temperatures),
         targets=args.targets,
         samples=args.samples,
@@ -214,5 +248,9 @@ def run(args: argparse.Namespace) -> int:
         max_sequences=args.max_sequences,
         progress=not args.no_progress,
         space_check=not args.no_space_check,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
     ))
     return 0

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 from cache_server import format as fmt
 from cache_server.cli import add_command
+from cache_server.format import storage
 
 __all__ = ["register", "run", "user_errors", "summarize", "build_command"]
 
@@ -23,6 +24,7 @@ EPILOG = """\
 examples:
   kdcache info ./cache
   kdcache info ./cache --json | jq .summary.bytes_per_token
+  kdcache info s3://bucket/caches/run1            # a cache on an object store (AWS_* credentials, profiles)
 """
 
 
@@ -31,8 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "info", help="print a cache's contents, size, teacher statistics and build command",
         description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
-    parser.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    parser.add_argument("cache_dir", metavar="DIR", help="cache directory, or an fsspec URL (s3://bucket/prefix)")
     parser.add_argument("--json", action="store_true", help="print the full manifest plus a summary as JSON")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help=f"fsspec options for a URL, as a JSON object (default ${storage.STORAGE_OPTIONS_ENV})")
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -97,7 +101,7 @@ def build_command(manifest: Mapping[str, Any], cache_dir: str) -> str | None:
     tokenizer = manifest.get("tokenizer") or {}
     if tokenizer.get("path"):
         argv += ["--tokenizer", str(tokenizer["path"])]
-    argv += [*_target_args(manifest), "--seq-len", str(manifest["seq_len"]), "--out", os.path.abspath(cache_dir)]
+    argv += [*_target_args(manifest), "--seq-len", str(manifest["seq_len"]), "--out", storage.redact_url(cache_dir) if storage.is_url(cache_dir) else os.path.abspath(cache_dir)]
     temperatures = _build_temperatures(manifest)
     if temperatures:
         argv += ["--temperatures", ",".join(_exact(t) for t in temperatures)]
@@ -193,6 +197,15 @@ def _targets_lines(summary: Mapping[str, Any], arrays: Mapping[str, Any]) -> lis
     return lines
 
 
+def _provenance_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """Where an imported cache's targets came from and what that source lacks (none for a kdcache build)."""
+    provenance = manifest.get("provenance")
+    if not provenance:
+        return []
+    return [f"imported from    {provenance.get('imported_from')}, teacher tail {fmt.teacher_tail(manifest)}"
+            + (f": {provenance['lacks']}" if provenance.get("lacks") else "")]
+
+
 def _settings_text(settings: Mapping[str, Any]) -> str:
     parts = []
     for key in sorted(settings):
@@ -205,6 +218,7 @@ def _settings_text(settings: Mapping[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the summary (or, with --json, the summary, the build command and the whole manifest)."""
+    storage.use_storage_options(args.storage_options)
     manifest = fmt.load_manifest(args.cache_dir)
     summary = summarize(manifest)
     command = build_command(manifest, args.cache_dir)
@@ -216,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     dataset = manifest.get("dataset") or {}
     arrays = manifest["arrays"]
     lines = [
-        f"cache            {args.cache_dir}",
+        f"cache            {storage.redact_url(args.cache_dir) if storage.is_url(args.cache_dir) else args.cache_dir}",
         f"format           {manifest['format']} v{manifest['format_version']} (tool {manifest.get('tool_version')})",
         f"created          {manifest.get('created_at')}",
         f"teacher          {teacher.get('name') or teacher.get('path')} ({teacher.get('architecture', '?')}, "
@@ -228,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         f"shards           {summary['shards']} x {manifest['shard_seqs']} sequences "
         f"(inner chunks of {manifest['chunk_seqs']}), codec {manifest.get('codec')}",
         *_stats_lines(summary),
+        *_provenance_lines(manifest),
         f"build settings   {_settings_text(manifest.get('build_args') or {})}",
         f"build command    {command or '(not recorded: the cache was not made by kdcache build)'}",
     ]

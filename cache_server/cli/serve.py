@@ -16,6 +16,7 @@ import socket
 from pathlib import Path
 
 from cache_server.cli import add_command
+from cache_server.format import storage
 
 __all__ = ["register", "run", "user_errors", "ServeOptionError", "is_loopback_host", "read_token_file",
            "bind_listening_socket", "DEFAULT_LIMIT_CONCURRENCY", "DEFAULT_TIMEOUT_KEEP_ALIVE_S"]
@@ -43,6 +44,8 @@ examples:
     kdcache serve ./cache
   a free port, printed on the "listening on" line:
     kdcache serve ./cache --port 0
+  a cache on S3 (credentials: AWS_* variables or ~/.aws profiles; shards are downloaded on first request):
+    kdcache serve run1=s3://bucket/caches/run1
   two caches, one renamed, reachable from other hosts (a token is required):
     openssl rand -hex 32 > token.txt
     kdcache serve ./cache teacher-b=./other_cache --host 0.0.0.0 --port 8000 --token-file token.txt
@@ -71,7 +74,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
     parser.add_argument("caches", nargs="+", metavar="[NAME=]DIR",
-                        help="finished cache directories; the name defaults to the directory's basename")
+                        help="finished cache directories or object-store URLs (s3://bucket/prefix); the name defaults "
+                        "to the basename")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help="fsspec options for URL caches, as a JSON object (default $KDCACHE_STORAGE_OPTIONS)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1); a non-loopback address needs --token-file")
     parser.add_argument("--port", type=int, default=8000,
@@ -181,7 +187,7 @@ def _print_start(args: argparse.Namespace, caches: dict, port: int, token: str |
     for name, cache in caches.items():
         layout = cache.layout
         print(f"kdcache serve: {name}: {layout.num_sequences} sequences x {layout.seq_len} positions, "
-              f"k={layout.topk}, {layout.num_shards} shards from {cache.root} -> {base_url}{wire.cache_path(name)}",
+              f"k={layout.topk}, {layout.num_shards} shards from {cache.location} -> {base_url}{wire.cache_path(name)}",
               flush=True)
     auth = f"bearer token from {args.token_file}" if token else "none (loopback only)"
     print(f"kdcache serve: auth: {auth}; event loop {loop}, http {http}; at most {args.limit_concurrency} "
@@ -203,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
 
     token = read_token_file(args.token_file) if args.token_file is not None else None
     _check_options(args, token)
+    storage.use_storage_options(args.storage_options)
     caches = register_caches(parse_cache_args(args.caches))
     app = create_app(caches, token, max_rows=args.max_rows, max_response_bytes=args.max_response_bytes,
                      decoded_cache_bytes=args.decoded_cache_bytes)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cache_server import format as fmt
 from cache_server.cli import add_command
+from cache_server.format import storage
 
 __all__ = ["register", "run", "user_errors", "verify_cache", "verify_decoded", "VerifyInputError"]
 
@@ -32,6 +33,7 @@ examples:
   kdcache verify ./cache --quick                  # sizes and checksums only, no decoding
   kdcache verify ./cache --decoded                # also the decoded copies under $KDCACHE_DECODE_DIR
   kdcache verify ./cache --decode-dir /scratch/kd # decoded copies under another decode directory
+  kdcache verify s3://bucket/caches/run1          # every object of a cache on an object store
 """
 
 
@@ -40,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         subparsers, "verify", help="check every shard (and with --decoded every decoded copy) against the manifest",
         description=DESCRIPTION, epilog=EPILOG, run=run, user_errors=user_errors,
     )
-    parser.add_argument("cache_dir", metavar="DIR", help="cache directory")
+    parser.add_argument("cache_dir", metavar="DIR", help="cache directory, or an fsspec URL (s3://bucket/prefix)")
+    parser.add_argument("--storage-options", default=None, metavar="JSON",
+                        help=f"fsspec options for a URL, as a JSON object (default ${storage.STORAGE_OPTIONS_ENV})")
     parser.add_argument("--quick", action="store_true", help="skip decoding (sizes and sha256 only)")
     parser.add_argument("--decoded", action="store_true",
                         help="also check the decoded copies of this cache (default decode directory: "
@@ -79,6 +83,8 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
     manifest = fmt.load_manifest(cache_dir)
     layout = fmt.layout_from_manifest(manifest)
     specs = {spec.name: spec for spec in layout.arrays()}
+    if storage.is_url(cache_dir):
+        return _verify_objects(storage.open_store(str(cache_dir)), manifest, layout, decode, progress)
     # The Zarr metadata is made again from the layout and compared (Zarr readers need it; we do not).
     problems = [f"Zarr metadata {relpath} ({Path(cache_dir) / relpath}): {why}"
                 for relpath, why in sorted(fmt.damaged_metadata(cache_dir, layout).items())]
@@ -105,6 +111,34 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
     return problems
 
 
+def _verify_objects(store: storage.ObjectStore, manifest: dict, layout: fmt.CacheLayout, decode: bool,
+                    progress: bool) -> list[str]:
+    """:func:`verify_cache` for a cache on an object store: each object read whole and checked."""
+    expected = fmt.expected_metadata(layout)
+    found = store.read_many(sorted(expected))
+    problems = [f"Zarr metadata {relpath} ({store.child_url(relpath)}): "
+                f"{'the object is missing' if relpath not in found else 'differs from what the layout implies'}"
+                for relpath, raw in sorted(expected.items()) if found.get(relpath) != raw]
+    specs = {spec.name: spec for spec in layout.arrays()}
+    items = list(fmt.iter_shard_files("", manifest))
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(items, desc="verifying", unit="object")
+    for name, index, path in items:
+        where = store.child_url(path.as_posix())
+        try:
+            raw = store.read_bytes(path.as_posix())
+            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=where)
+            if decode:
+                fmt.decode_stored_shard(raw, specs[name], layout, index)
+        except FileNotFoundError:
+            problems.append(f"array {name!r} shard {index} ({where}): the shard object is missing")
+        except fmt.CorruptShardError as exc:
+            problems.append(f"array {exc.array!r} shard {exc.shard_index} ({where}): {exc.reason}")
+    return problems
+
+
 def verify_decoded(cache_dir: str | Path, decode_root: Path | None = None) -> tuple[Path, list[str]]:
     """The decode root checked, and one message per damaged decoded copy of the cache under it.
 
@@ -122,12 +156,17 @@ def verify_decoded(cache_dir: str | Path, decode_root: Path | None = None) -> tu
     if root.exists() and not root.is_dir():
         raise VerifyInputError(f"--decode-dir {str(root)!r} is a file, not a decode directory; pass the "
                                "directory readers decode into (their decode_dir, or $KDCACHE_DECODE_DIR)")
+    if storage.is_url(cache_dir):
+        raise VerifyInputError("--decoded checks the decoded copies of a local cache directory; for a cache on "
+                               "an object store, pass its manifest's decode directory to a reader instead")
     return root, list(verify_decoded_copies(Path(cache_dir), root))
 
 
 def run(args: argparse.Namespace) -> int:
     """Verify the cache; exit status 0 intact, 1 damaged (each problem named on stderr)."""
     started = time.perf_counter()
+    storage.use_storage_options(args.storage_options)
+    shown = storage.redact_url(args.cache_dir) if storage.is_url(args.cache_dir) else args.cache_dir
     manifest = fmt.load_manifest(args.cache_dir)
     problems = verify_cache(args.cache_dir, decode=not args.quick, progress=not args.no_progress)
     n_files = sum(len(entries) for entries in manifest["shards"].values())
@@ -137,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed_s = time.perf_counter() - started
     if problems or decoded_problems:
         total = len(problems) + len(decoded_problems)
-        print(f"kdcache verify: {args.cache_dir} is DAMAGED ({total} problem(s)):", file=sys.stderr)
+        print(f"kdcache verify: {shown} is DAMAGED ({total} problem(s)):", file=sys.stderr)
         for line in problems:
             print(f"  {line}", file=sys.stderr)
         for line in decoded_problems:
@@ -146,6 +185,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  repair: {fmt.REPAIR_HINT}", file=sys.stderr)
         return EXIT_DAMAGED
     decoded_note = f", and every decoded copy under {decode_root}" if check_decoded else ""
-    print(f"kdcache verify: {args.cache_dir} OK ({n_files} shard files and {n_metadata} metadata files checked"
+    print(f"kdcache verify: {shown} OK ({n_files} shard files and {n_metadata} metadata files checked"
           f"{decoded_note} in {elapsed_s:.2f}s)")
     return 0

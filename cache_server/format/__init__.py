@@ -13,9 +13,10 @@ Modules:
     build_lock  one build per directory: the flock-based lock a running build holds, and how readers see it.
     decoded     decoded copies on local disk: their paths and their crc32c integrity record.
     wire        the HTTP paths, headers and media types of ``kdcache serve`` (server and client share them).
+    storage     where a cache's bytes live when not in a directory: an object store behind an fsspec URL.
 
 Everything in ``__all__`` (the names of errors, layout, manifest and shards) is importable from here:
-``from cache_server import format as fmt; fmt.CacheLayout``. ``build_lock``, ``decoded`` and ``wire`` are
+``from cache_server import format as fmt; fmt.CacheLayout``. ``build_lock``, ``decoded``, ``storage`` and ``wire`` are
 imported as modules (``from cache_server.format import wire``).
 
 Shape notation::
@@ -51,12 +52,15 @@ from cache_server.format.layout import (
 from cache_server.format.manifest import (
     FORMAT_NAME,
     MANIFEST_NAME,
+    TEACHER_TAILS,
     format_fields,
     layout_from_manifest,
     load_manifest,
     manifest_bytes,
     parse_manifest,
     read_manifest_bytes,
+    read_object_manifest,
+    teacher_tail,
     validate_manifest,
 )
 from cache_server.format.shards import (

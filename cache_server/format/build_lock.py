@@ -28,10 +28,13 @@ import socket
 import time
 from pathlib import Path
 
+from cache_server.format import storage
+
 __all__ = [
     "BUILD_STATE_DIR",
     "BuildLock",
     "BuildLockedError",
+    "ObjectBuildLock",
     "acquire_build_lock",
     "build_lock_holder",
     "is_lock_file",
@@ -180,6 +183,8 @@ def acquire_build_lock(cache_dir: str | os.PathLike, rank: int = 0, world_size: 
     lock different files and never refuse each other; anything else that holds a lock of the directory,
     another build of this rank included, makes this one refuse.
     """
+    if storage.is_url(cache_dir):
+        return _acquire_object_lock(storage.open_store(cache_dir), rank, world_size)  # type: ignore[return-value]
     cache_dir = Path(cache_dir)
     path = _lock_path(cache_dir, rank)
     guard_path = cache_dir / BUILD_STATE_DIR / _GUARD_NAME
@@ -250,3 +255,69 @@ def build_lock_holder(cache_dir: str | os.PathLike) -> str | None:
         if raw is not None:
             return _describe(raw)
     return None
+
+
+# ------------------------------------------------------------------ object stores: a lock object, no flock
+
+
+class ObjectBuildLock:
+    """A build lock on an object store: the object ``PREFIX/.kdcache-build/lock.rank{R}`` (pid, host, start).
+
+    Object stores have no flock, so this lock is advisory and checked, not enforced: a starting build reads
+    the lock objects, refuses if one belongs to another live build, then writes its own (a small race window
+    remains between two builds that start within the same second). A build killed without releasing its lock
+    leaves the object behind: a rerun on the same host takes it over when that pid is gone; from another host
+    it is refused with the object's name (delete it once you know that build is dead).
+    """
+
+    def __init__(self, store: "storage.ObjectStore", relpath: str) -> None:
+        self.store = store
+        self.relpath = relpath
+        self.path = store.child_url(relpath)
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self.store.delete([self.relpath])
+            self._held = False
+
+    def __enter__(self) -> "ObjectBuildLock":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder_alive(info: dict) -> bool | None:
+    """True/False for a holder on this host (its pid runs or not); None for another host (unknown)."""
+    if info.get("host") != socket.gethostname():
+        return None
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+def _acquire_object_lock(store: "storage.ObjectStore", rank: int, world_size: int) -> ObjectBuildLock:
+    mine = f"{BUILD_STATE_DIR}/{_LOCK_PREFIX}{rank}"
+    for relpath in store.list(BUILD_STATE_DIR):
+        if not relpath.rsplit("/", 1)[-1].startswith(_LOCK_PREFIX):
+            continue
+        try:
+            raw = store.read_bytes(relpath)
+        except FileNotFoundError:
+            continue
+        info = _holder_info(raw) or {}
+        alive = _holder_alive(info)
+        if alive is False or (relpath != mine and world_size > 1 and info.get("world_size") == world_size):
+            continue  # a dead holder on this host (taken over), or another rank of this build
+        how = ("it may still be running on another host: object stores have no flock, so if that build is "
+               f"dead, delete the lock object {store.child_url(relpath)} and rerun") if alive is None else "running"
+        raise BuildLockedError(store.description, _describe(raw), f"; {how}")  # type: ignore[arg-type]
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "rank": rank, "world_size": world_size,
+            "started_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    store.write_bytes(mine, json.dumps(info, sort_keys=True).encode())
+    return ObjectBuildLock(store, mine)

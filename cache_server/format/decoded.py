@@ -29,6 +29,7 @@ Only numpy, the standard library and ``crc32c`` are used here (no torch): ``kdli
 from __future__ import annotations
 
 import hashlib
+import io
 import mmap
 import os
 import struct
@@ -47,6 +48,7 @@ __all__ = [
     "decoded_shard_path",
     "create_decoded_copy",
     "publish_decoded_copy",
+    "write_decoded_copy",
     "decoded_copy_problem",
     "map_decoded_copy",
     "file_identity",
@@ -95,6 +97,42 @@ def publish_decoded_copy(tmp_path: str | os.PathLike, final_path: str | os.PathL
         crc = _crc32c_of_file(file.fileno(), os.fstat(file.fileno()).st_size)
         file.seek(0, os.SEEK_END)
         file.write(_TRAILER.pack(_TRAILER_MAGIC, crc))
+    os.replace(tmp_path, final_path)
+
+
+def write_decoded_copy(tmp_path: str | os.PathLike, final_path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a decoded shard held in memory as a sealed copy: header, data, crc32c trailer, atomic rename.
+
+    The crc32c is computed from ``array``'s memory while the bytes are written (plain ``write`` calls, no
+    memory map, no msync), so the data crosses memory once. What the page cache holds is what readers map; a
+    crash before the kernel writes it back can leave a renamed file whose bytes are not all on disk, and the
+    reader's once-per-process check then fails and the copy is decoded again.
+
+    Args:
+        tmp_path: a temporary path in the same directory as ``final_path`` (removed on failure).
+        final_path: where the sealed copy is published.
+        array: the decoded shard [n, *trailing], C-contiguous.
+
+    Raises:
+        ValueError: ``array`` is not C-contiguous plain data.
+        OSError: the disk under the decode directory is full or failing (the message says what to do).
+    """
+    if not array.flags.c_contiguous or array.dtype.hasobject:
+        raise ValueError("a decoded copy is written from a C-contiguous plain-data array; pass "
+                         "np.ascontiguousarray(array)")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
+    data = memoryview(array.reshape(-1)).cast("B")
+    crc = crc32c.crc32c(data, crc32c.crc32c(header.getvalue()))
+    try:
+        with open(tmp_path, "wb") as file:
+            file.write(header.getvalue())
+            file.write(data)
+            file.write(_TRAILER.pack(_TRAILER_MAGIC, crc))
+    except OSError as exc:
+        Path(tmp_path).unlink(missing_ok=True)
+        raise OSError(exc.errno, f"cannot write a {len(data)}-byte decoded shard in {Path(tmp_path).parent} "
+                      f"({exc.strerror}); free space or set {DECODE_DIR_ENV} / max_decoded_bytes") from exc
     os.replace(tmp_path, final_path)
 
 

@@ -30,6 +30,12 @@ By target kind (``CacheLayout.targets``; W = sample slots per position, D = draw
                                                     absent with sample_logprobs=False)
     hybrid   topk_ids / topk_logprobs with K = H (the exact head) plus the sample_* arrays, drawn from the
              teacher restricted to the vocabulary minus the head
+
+Optional text offsets (``CacheLayout.offsets``, ``kdcache build --record-offsets``; absent otherwise, so other
+caches are unchanged; ``offsets.py`` has the rules)::
+
+    token_doc        [N, T]     uint32            the input document each token belongs to
+    token_bytes      [N, T, 2]  uint32            [start, end) UTF-8 byte span of the token in that document
 """
 
 from __future__ import annotations
@@ -141,6 +147,7 @@ class CacheLayout:
     codec: str = DEFAULT_CODEC
     format_version: int = FORMAT_VERSION  # 1: v1 stored form (read only); 2: id-sorted slots (docs/FORMAT.md)
     logprob_codec: str = "exact"  # one of LOGPROB_CODECS; a lossy one needs format_version 2
+    offsets: bool = False  # the optional text-offset arrays token_doc / token_bytes (offsets.py)
 
     def __post_init__(self) -> None:
         for name in ("num_sequences", "seq_len", "vocab_size", "shard_seqs", "chunk_seqs"):
@@ -259,6 +266,8 @@ def array_specs(layout: CacheLayout) -> list[ArraySpec]:
     ids = layout.ids_dtype
     logprobs = np.dtype(layout.logprob_dtype)
     specs = [ArraySpec("input_ids", ids, (T,))]
+    if layout.offsets:
+        specs += [ArraySpec("token_doc", np.dtype("uint32"), (T,)), ArraySpec("token_bytes", np.dtype("uint32"), (T, 2))]
     if layout.has_topk:
         specs += [ArraySpec("topk_ids", ids, (T, K)), ArraySpec("topk_logprobs", logprobs, (T, K))]
     if layout.has_samples:

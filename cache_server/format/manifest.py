@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
+from cache_server.format import storage
 from cache_server.format.build_lock import BUILD_STATE_DIR, build_lock_holder
 from cache_server.format.errors import CacheError
 from cache_server.format.layout import (
@@ -34,9 +35,12 @@ __all__ = [
     "parse_manifest",
     "validate_manifest",
     "read_manifest_bytes",
+    "read_object_manifest",
     "load_manifest",
     "layout_from_manifest",
     "format_fields",
+    "TEACHER_TAILS",
+    "teacher_tail",
 ]
 
 FORMAT_NAME = "kdcache"
@@ -47,7 +51,11 @@ _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 _POSITIVE_INT_FIELDS = ("num_sequences", "seq_len", "vocab_size", "shard_seqs", "chunk_seqs", "num_shards")
 _OPTIONAL_STR_FIELDS = ("codec", "logprob_codec", "tool_version", "created_at", "alignment", "dataset_fingerprint")
-_OPTIONAL_DICT_FIELDS = ("layout", "build_args", "stats", "teacher", "dataset", "tokenizer")
+_OPTIONAL_DICT_FIELDS = ("layout", "build_args", "stats", "teacher", "dataset", "tokenizer", "provenance")
+# What a cache knows about the teacher mass outside its stored ids (docs/FORMAT.md, "provenance"): "exact"
+# (a full-vocabulary lse was stored: every kdcache build), "implied" (1 - sum of the stored probabilities,
+# as exact as the source's full-vocabulary normalization), "none" (the source renormalized over its k ids).
+TEACHER_TAILS = ("exact", "implied", "none")
 
 
 def manifest_bytes(manifest: Mapping[str, Any]) -> bytes:
@@ -126,6 +134,8 @@ def read_manifest_bytes(cache_dir: str | os.PathLike, *, during_build: bool = Fa
     Raises:
         CacheError: the directory is missing, a file, being built, or without a manifest.
     """
+    if storage.is_url(cache_dir):
+        return read_object_manifest(storage.open_store(cache_dir))
     cache_dir = Path(cache_dir)
     if not cache_dir.exists():
         raise CacheError(f"cache directory {str(cache_dir)!r} does not exist")
@@ -155,7 +165,34 @@ def load_manifest(cache_dir: str | os.PathLike, *, during_build: bool = False) -
             unusable.
     """
     raw = read_manifest_bytes(cache_dir, during_build=during_build)
+    if storage.is_url(cache_dir):
+        return parse_manifest(raw, source=storage.open_store(cache_dir).child_url(MANIFEST_NAME))
     return parse_manifest(raw, source=str(Path(cache_dir) / MANIFEST_NAME))
+
+
+def read_object_manifest(store: storage.ObjectStore) -> bytes:
+    """The manifest object's bytes; without it, say whether the prefix holds an unfinished build or nothing.
+
+    An object store has no flock, so a build that runs (or was killed) is known only by its objects: the
+    manifest is written last, so a prefix without one is never read as a cache, whatever else it holds.
+    """
+    try:
+        return store.read_bytes(MANIFEST_NAME)
+    except FileNotFoundError:
+        pass
+    state = store.list(BUILD_STATE_DIR)
+    if state or store.list("zarr.json"):
+        journaled = sum(1 for name in state if name.startswith(f"{BUILD_STATE_DIR}/shards/"))
+        locks = [name for name in state if name.rsplit("/", 1)[-1].startswith("lock.rank")]
+        running = (f"; a build lock object is present ({locks[0].rsplit('/', 1)[-1]}): a build may be running "
+                   "now, or was killed") if locks else ""
+        raise CacheError(
+            f"{store.description} has no {MANIFEST_NAME}: unfinished build ({journaled} shards journaled{running}); "
+            "rerun the same kdcache build command to resume it (it writes only the missing shards, then the "
+            "manifest last)"
+        )
+    raise CacheError(f"{store.description} has no {MANIFEST_NAME}: it is not a kdcache cache (make one with "
+                     f"`kdcache build ... --out {store.description}`)")
 
 
 def layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
@@ -204,6 +241,7 @@ def _layout_from_manifest(manifest: Mapping[str, Any]) -> CacheLayout:
         codec=str(manifest.get("codec", DEFAULT_CODEC)),
         format_version=int(manifest["format_version"]),
         logprob_codec=str(manifest.get("logprob_codec", "exact")),
+        offsets="token_doc" in manifest["arrays"],
     )
 
 
@@ -214,6 +252,15 @@ def format_fields(layout: CacheLayout) -> dict[str, Any]:
     if layout.logprob_codec != "exact":
         fields["logprob_codec"] = layout.logprob_codec
     return fields
+
+
+def teacher_tail(manifest: Mapping[str, Any]) -> str:
+    """What the cache knows of the teacher mass outside its stored ids: one of :data:`TEACHER_TAILS`.
+
+    A cache without ``provenance`` (every ``kdcache build``) stores the full-vocabulary lse: ``"exact"``.
+    An imported cache records in ``provenance.tail`` what its source allowed (``kdcache import``).
+    """
+    return str((manifest.get("provenance") or {}).get("tail", "exact"))
 
 
 def _no_manifest_error(cache_dir: Path) -> CacheError:
@@ -279,6 +326,9 @@ def _check_field_types(manifest: Mapping[str, Any], source: str) -> None:
         if value is not None and not _is_number(value):
             raise _malformed(source, f"stats field {key!r} must be a number, got {value!r}")
     _check_teachers(manifest.get("teachers", []), source)
+    if "provenance" in manifest and manifest["provenance"].get("tail", "exact") not in TEACHER_TAILS:
+        tail = manifest["provenance"]["tail"]
+        raise _malformed(source, f"provenance.tail must be one of {TEACHER_TAILS}, got {tail!r}")
     _check_array_table_types(manifest["arrays"], source)
 
 

@@ -23,9 +23,12 @@ import hashlib
 import os
 import struct
 import tempfile
+import threading
 import warnings
+from concurrent.futures import Executor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -228,17 +231,39 @@ def verify_shard_bytes(
         )
 
 
-def _chunk_decoder(codec: str):
-    """A bytes->bytes function undoing the inner-chunk compressor chain of a codec preset."""
+def _chunk_decoder(codec: str) -> Callable[[memoryview, np.ndarray], Any]:
+    """``decode(frame, out)``: undo the inner-chunk compressor chain of a codec preset into ``out`` (a writable
+    uint8 buffer of exactly the decoded size; a frame of another size raises)."""
     import numcodecs
 
     preset = CODEC_PRESETS[codec]
     if preset is None:
-        return lambda buf: buf
+        def copy(frame: memoryview, out: np.ndarray) -> np.ndarray:
+            if len(frame) != out.nbytes:
+                raise ValueError(f"an uncompressed chunk of {len(frame)} bytes, expected {out.nbytes}")
+            out[...] = np.frombuffer(frame, dtype=np.uint8)
+            return out
+
+        return copy
     name = preset[0]["name"]
     # Blosc and Zstd frames are self-describing: decoding needs no parameters.
     codec_obj = numcodecs.Blosc() if name == "blosc" else numcodecs.Zstd()
     return codec_obj.decode
+
+
+# Per thread, per array: a reused buffer that inner chunks are decompressed into. Decompressing into a fresh
+# allocation costs more than the decompression itself (a new mapping to fault in for every 1 MB chunk).
+_SCRATCH = threading.local()
+
+
+def _scratch(key: str, nbytes: int) -> np.ndarray:
+    buffers = getattr(_SCRATCH, "buffers", None)
+    if buffers is None:
+        buffers = _SCRATCH.buffers = {}
+    buf = buffers.get(key)
+    if buf is None or buf.nbytes < nbytes:
+        buf = buffers[key] = np.empty(nbytes, dtype=np.uint8)
+    return buf[:nbytes]
 
 
 def decode_inputs(layout: CacheLayout, array: str) -> tuple[str, ...]:
@@ -262,6 +287,7 @@ def decode_shard(
     out: np.ndarray | None = None,
     *,
     companions: Mapping[str, bytes | memoryview] | None = None,
+    executor: Executor | None = None,
 ) -> np.ndarray:
     """Decode one stored shard file into a C-contiguous array of shape [n, *trailing] (n ≤ S).
 
@@ -278,6 +304,9 @@ def decode_shard(
         out: C-contiguous [n, *trailing] buffer of ``spec.dtype`` to decode into (default: a new array).
         companions: ``{name: stored shard bytes}`` of the other arrays :func:`decode_inputs` names, for the
             same shard (checked by the caller like ``raw``).
+        executor: threads to decode the inner chunks on, several at once (None: one after another, here).
+            Blosc, zstd and numpy's sort release the GIL, so threads pay even on two cores; the values are
+            the same either way.
 
     Raises:
         CorruptShardError: the bytes do not decode.
@@ -285,7 +314,7 @@ def decode_shard(
     """
     needed = decode_inputs(layout, spec.name)
     if len(needed) == 1 and slots.slot_group(layout, spec.name) is None:
-        return _decode_stored(raw, spec, layout, shard_index, out)
+        return _decode_stored(raw, spec, layout, shard_index, out, executor=executor)
     missing = [name for name in needed[1:] if name not in (companions or {})]
     if missing:
         raise ValueError(
@@ -294,7 +323,7 @@ def decode_shard(
             "format.decode_inputs names"
         )
     raws = {spec.name: raw, **{name: (companions or {})[name] for name in needed[1:]}}
-    return decode_shard_group(raws, layout, shard_index, outs={spec.name: out})[spec.name]
+    return decode_shard_group(raws, layout, shard_index, outs={spec.name: out}, executor=executor)[spec.name]
 
 
 def decode_shard_group(
@@ -302,6 +331,8 @@ def decode_shard_group(
     layout: CacheLayout,
     shard_index: int,
     outs: Mapping[str, np.ndarray | None] | None = None,
+    *,
+    executor: Executor | None = None,
 ) -> dict[str, np.ndarray]:
     """Decode several arrays of one format v2 slot group for one shard, sorting each position once.
 
@@ -310,6 +341,7 @@ def decode_shard_group(
         layout: the cache's layout.
         shard_index: which shard.
         outs: ``{name: C-contiguous buffer or None}`` of the arrays to produce (default: every name in ``raws``).
+        executor: threads to decode the inner chunks on (see :func:`decode_shard`).
 
     Returns:
         ``{name: decoded [n, *trailing]}`` for the names of ``outs``, in canonical slot order.
@@ -322,9 +354,6 @@ def decode_shard_group(
         raise ValueError(f"decoding slot group {group.name!r} needs the stored shard of {group.order_by!r}")
     outs = dict(outs) if outs is not None else dict.fromkeys(raws)
     start, stop = layout.shard_range(shard_index)
-    stored = {name: _decode_stored(raw, slots.stored_spec(layout, specs[name]), layout, shard_index)
-              for name, raw in raws.items()}
-    rows = (stop - start) * layout.seq_len
     result = {}
     for name, buf in outs.items():
         spec = specs[name]
@@ -333,11 +362,33 @@ def decode_shard_group(
         if not buf.flags.c_contiguous:
             raise ValueError(f"the output buffer for {name!r} must be C-contiguous")
         result[name] = buf
-    slots.from_storage(
-        layout, group, {name: a.reshape(rows, -1) for name, a in stored.items()},
-        {name: buf.reshape(rows, -1) for name, buf in result.items()},
-    )
+    # One inner chunk at a time (decompress, undo the delta, sort): the chunk's stored arrays stay in the CPU
+    # cache instead of whole-shard temporaries making several trips through memory (~2x faster per shard).
+    stored = {name: _StoredShard(raw, slots.stored_spec(layout, specs[name]), layout, shard_index)
+              for name, raw in raws.items()}
+    T, C = layout.seq_len, layout.chunk_seqs
+
+    def decode_chunk(c: int) -> None:
+        lo, hi = c * C, min((c + 1) * C, stop - start)
+        chunk = {name: part.chunk(c).reshape((hi - lo) * T, -1) for name, part in stored.items()}
+        slots.from_storage(layout, group, chunk,
+                           {name: buf[lo:hi].reshape((hi - lo) * T, -1) for name, buf in result.items()})
+
+    _each_chunk(decode_chunk, -(-(stop - start) // C), executor)
     return result
+
+
+def _each_chunk(decode_chunk: Callable[[int], None], num_chunks: int, executor: Executor | None) -> None:
+    """``decode_chunk(c)`` for every inner chunk c: here in order, or on ``executor``'s threads (each chunk
+    writes its own rows of the output, so the order does not matter); the first error is raised."""
+    if executor is None or num_chunks < 2:
+        for c in range(num_chunks):
+            decode_chunk(c)
+        return
+    futures = [executor.submit(decode_chunk, c) for c in range(num_chunks)]
+    futures_wait(futures)
+    for future in futures:
+        future.result()
 
 
 def decode_stored_shard(raw: bytes | memoryview, spec: ArraySpec, layout: CacheLayout, shard_index: int) -> np.ndarray:
@@ -349,57 +400,77 @@ def decode_stored_shard(raw: bytes | memoryview, spec: ArraySpec, layout: CacheL
 
 
 def _decode_stored(
-    raw: bytes | memoryview, spec: ArraySpec, layout: CacheLayout, shard_index: int, out: np.ndarray | None = None
+    raw: bytes | memoryview, spec: ArraySpec, layout: CacheLayout, shard_index: int, out: np.ndarray | None = None,
+    *, executor: Executor | None = None,
 ) -> np.ndarray:
     """The array as stored (``spec`` is the stored spec): the inner chunks decompressed, the delta filter undone."""
-    import crc32c
-
-    start, stop = layout.shard_range(shard_index)
-    rows = stop - start
-    chunks_per_shard = layout.shard_seqs // layout.chunk_seqs
-    index_nbytes = chunks_per_shard * 16
-    raw = memoryview(raw).cast("B")
-    if len(raw) < index_nbytes + _INDEX_CHECKSUM_BYTES:
-        raise CorruptShardError(spec.name, shard_index, f"only {len(raw)} bytes, too short for the shard index")
-    index_bytes = raw[len(raw) - index_nbytes - _INDEX_CHECKSUM_BYTES : len(raw) - _INDEX_CHECKSUM_BYTES]
-    (stored_crc,) = struct.unpack("<I", raw[len(raw) - _INDEX_CHECKSUM_BYTES :])
-    if crc32c.crc32c(index_bytes) != stored_crc:
-        raise CorruptShardError(spec.name, shard_index, "shard index checksum mismatch")
-    index = np.frombuffer(index_bytes, dtype="<u8").reshape(chunks_per_shard, 2)
-
+    stored = _StoredShard(raw, spec, layout, shard_index)
+    rows = stored.rows
     if out is None:
         out = np.empty((rows, *spec.trailing_shape), dtype=spec.dtype)
     flat = out.reshape(rows, -1) if spec.trailing_shape else out.reshape(rows, 1)
-    row_items = flat.shape[1]
-    decode = _chunk_decoder(layout.codec)
-    undelta = slots.delta_coded(layout, spec.name)
     chunk_rows = layout.chunk_seqs
-    for c in range(chunks_per_shard):
-        lo = c * chunk_rows
-        if lo >= rows:
-            break
-        offset, nbytes = (int(v) for v in index[c])
-        hi = min(lo + chunk_rows, rows)
-        if offset == _MISSING_CHUNK and nbytes == _MISSING_CHUNK:
-            flat[lo:hi] = 0  # fill_value
-            continue
-        if offset + nbytes > len(raw) - index_nbytes - _INDEX_CHECKSUM_BYTES:
-            raise CorruptShardError(spec.name, shard_index, f"inner chunk {c} points past the end of the shard")
-        try:
-            decoded = decode(raw[offset : offset + nbytes])
-        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on damaged frames
-            raise CorruptShardError(spec.name, shard_index, f"inner chunk {c} failed to decompress: {exc}") from exc
-        # Inner chunks are always full-size (zarr pads the edge chunk); keep only the rows inside the array.
-        chunk = np.frombuffer(decoded, dtype=spec.dtype.newbyteorder("<"))
-        if chunk.size != chunk_rows * row_items:
-            raise CorruptShardError(spec.name, shard_index, f"inner chunk {c} decoded to {chunk.size} items")
-        if undelta and hi - lo == chunk_rows:  # numcodecs.delta over the flattened chunk, wrapping in the dtype
-            np.cumsum(chunk, dtype=spec.dtype, out=flat[lo:hi].reshape(-1))
-            continue
-        if undelta:
-            chunk = np.cumsum(chunk, dtype=spec.dtype)
-        flat[lo:hi] = chunk.reshape(chunk_rows, row_items)[: hi - lo]
+    _each_chunk(lambda c: stored.chunk(c, out=flat[c * chunk_rows : (c + 1) * chunk_rows]), -(-rows // chunk_rows),
+                executor)
     return out
+
+
+class _StoredShard:
+    """One stored shard file, its index checked, decoded an inner chunk at a time (rows of ``spec``)."""
+
+    def __init__(self, raw: bytes | memoryview, spec: ArraySpec, layout: CacheLayout, shard_index: int) -> None:
+        import crc32c
+
+        start, stop = layout.shard_range(shard_index)
+        self.spec, self.layout, self.shard_index, self.rows = spec, layout, shard_index, stop - start
+        chunks_per_shard = layout.shard_seqs // layout.chunk_seqs
+        index_nbytes = chunks_per_shard * 16
+        self.raw = raw = memoryview(raw).cast("B")
+        if len(raw) < index_nbytes + _INDEX_CHECKSUM_BYTES:
+            raise CorruptShardError(spec.name, shard_index, f"only {len(raw)} bytes, too short for the shard index")
+        self.data_end = len(raw) - index_nbytes - _INDEX_CHECKSUM_BYTES
+        index_bytes = raw[self.data_end : len(raw) - _INDEX_CHECKSUM_BYTES]
+        (stored_crc,) = struct.unpack("<I", raw[len(raw) - _INDEX_CHECKSUM_BYTES :])
+        if crc32c.crc32c(index_bytes) != stored_crc:
+            raise CorruptShardError(spec.name, shard_index, "shard index checksum mismatch")
+        self.index = np.frombuffer(index_bytes, dtype="<u8").reshape(chunks_per_shard, 2)
+        self.row_items = int(np.prod(spec.trailing_shape, dtype=np.int64))
+        self.decode = _chunk_decoder(layout.codec)
+        self.undelta = slots.delta_coded(layout, spec.name)
+
+    def chunk(self, c: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Inner chunk ``c``'s rows inside the array, [rows in the chunk, row items]: into ``out`` when given,
+        else into a buffer of this thread that its next chunk of the same array overwrites."""
+        spec, chunk_rows = self.spec, self.layout.chunk_seqs
+        lo = c * chunk_rows
+        hi = min(lo + chunk_rows, self.rows)
+        offset, nbytes = (int(v) for v in self.index[c])
+        if out is None:  # a view of this thread's buffer for the array: valid until its next chunk here
+            out = _scratch(f"{spec.name}:rows", chunk_rows * self.row_items * spec.dtype.itemsize)
+            out = out.view(spec.dtype)[: (hi - lo) * self.row_items].reshape(hi - lo, self.row_items)
+        if offset == _MISSING_CHUNK and nbytes == _MISSING_CHUNK:
+            out[...] = 0  # fill_value
+            return out
+        if offset + nbytes > self.data_end:
+            raise CorruptShardError(spec.name, self.shard_index, f"inner chunk {c} points past the end of the shard")
+        # Inner chunks are always full-size (zarr pads the edge chunk); keep only the rows inside the array.
+        chunk_nbytes = chunk_rows * self.row_items * spec.dtype.itemsize
+        direct = not self.undelta and hi - lo == chunk_rows and out.flags.c_contiguous and out.dtype.isnative
+        target = out.reshape(-1).view(np.uint8) if direct else _scratch(spec.name, chunk_nbytes)
+        try:
+            self.decode(self.raw[offset : offset + nbytes], target)
+        except Exception as exc:  # numcodecs raises RuntimeError/ValueError on damaged frames (or a wrong size)
+            raise CorruptShardError(spec.name, self.shard_index, f"inner chunk {c} failed to decompress: {exc}") from exc
+        if direct:
+            return out
+        items = target.view(spec.dtype.newbyteorder("<"))
+        if self.undelta and hi - lo == chunk_rows:  # numcodecs.delta over the flattened chunk, wrapping in the dtype
+            np.cumsum(items, dtype=spec.dtype, out=out.reshape(-1))
+            return out
+        if self.undelta:
+            items = np.cumsum(items, dtype=spec.dtype)
+        out[...] = items.reshape(chunk_rows, self.row_items)[: hi - lo]
+        return out
 
 
 def iter_shard_files(cache_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Iterable[tuple[str, int, Path]]:

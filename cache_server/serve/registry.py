@@ -9,18 +9,27 @@ The registry is the only place where the server turns a request into a filesyste
 from the registered manifest alone: a request names a cache (looked up in a dict), an array (must be one
 of the manifest's arrays) and an integer shard index (must be in [0, num_shards)). Request text never
 becomes part of a path, and every resolved shard path is checked to stay inside its cache directory.
+
+A cache on an object store (``kdcache serve s3://bucket/prefix``) is served from a local copy of its stored
+shards (``root`` is then a temporary directory): a shard is downloaded whole on its first request, kept
+only when its bytes match the manifest's sha256, and from then on served like a local file (byte ranges,
+ETags). Damaged bytes are served as they are, from a separate file, so the client's checksum check names them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cache_server import format as fmt
-from cache_server.format import wire
+from cache_server.format import storage, wire
 
 __all__ = ["RegisteredCache", "RegistryError", "parse_cache_args", "register_cache", "register_caches"]
 
@@ -40,10 +49,14 @@ class RegisteredCache:
     layout: fmt.CacheLayout
     manifest_sha256: str = ""
     specs: dict[str, fmt.ArraySpec] = field(default_factory=dict)
+    store: storage.ObjectStore | None = None  # a cache on an object store: ``root`` holds downloaded shards
+    location: str = ""  # the directory, or the redacted URL (for messages)
 
     def __post_init__(self) -> None:
         self.manifest_sha256 = hashlib.sha256(self.manifest_raw).hexdigest()
         self.specs = {spec.name: spec for spec in self.layout.arrays()}
+        self.location = self.location or str(self.root)
+        self._download_lock = threading.Lock()
 
     @property
     def num_shards(self) -> int:
@@ -62,11 +75,34 @@ class RegisteredCache:
         self.shard_entry(array, shard_index)
         spec = self.specs[array]
         path = self.root / fmt.shard_relpath(array, int(shard_index), 1 + len(spec.trailing_shape))
+        if self.store is not None:
+            return self._downloaded(array, int(shard_index), path)
         resolved = path.resolve()
         if not resolved.is_relative_to(self.root):
             # A symlink inside the cache pointing elsewhere: never follow it out of the registered directory.
             raise PermissionError(f"shard path {path} resolves outside the cache directory {self.root}")
         return resolved
+
+    def _downloaded(self, array: str, shard_index: int, path: Path) -> Path:
+        """The local copy of a shard of an object-store cache, downloaded first if needed.
+
+        Raises:
+            FileNotFoundError: the object is missing (the handlers answer shard-missing).
+        """
+        if path.exists():
+            return path
+        relpath = path.relative_to(self.root).as_posix()
+        raw = self.store.read_bytes(relpath)
+        try:
+            fmt.verify_shard_bytes(raw, self.shard_entry(array, shard_index), array, shard_index)
+        except fmt.CorruptShardError:
+            path = self.root / ".unverified" / relpath  # served once as is; the client names it corrupt
+        with self._download_lock:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(raw)
+            os.replace(tmp, path)
+        return path
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -86,11 +122,15 @@ class RegisteredCache:
         }
 
 
-def parse_cache_args(items: Iterable[str]) -> list[tuple[str, Path]]:
-    """``DIR`` or ``NAME=DIR`` → (name, dir). The default name is the directory's basename."""
-    out = []
+def parse_cache_args(items: Iterable[str]) -> list[tuple[str, Path | str]]:
+    """``DIR``, ``URL``, ``NAME=DIR`` or ``NAME=URL`` → (name, dir or URL). The default name is the basename."""
+    out: list[tuple[str, Path | str]] = []
     for item in items:
         name, sep, directory = item.partition("=")
+        if storage.is_url(item) or (sep and storage.is_url(directory)):
+            url = directory if sep and storage.is_url(directory) else item
+            out.append((name if url is directory else url.rstrip("/").rsplit("/", 1)[-1], url))
+            continue
         if not sep or not name or os.sep in name:
             name, directory = Path(item.rstrip("/\\") or item).name, item
         out.append((name, Path(directory)))
@@ -108,10 +148,13 @@ def register_cache(name: str, cache_dir: str | os.PathLike) -> RegisteredCache:
         CacheError: the directory is missing, unfinished, not a cache, or its manifest is damaged.
     """
     if not wire.CACHE_NAME_RE.match(name) or ".." in name:
+        shown = storage.redact_url(cache_dir) if storage.is_url(cache_dir) else cache_dir
         raise RegistryError(
             f"cache name {name!r} is not allowed: use 1-64 letters, digits, '_', '.', '-' (no '..'), "
-            f"e.g. kdcache serve mycache={cache_dir}"
+            f"e.g. kdcache serve mycache={shown}"
         )
+    if storage.is_url(cache_dir):
+        return _register_object_cache(name, str(cache_dir))
     root = Path(cache_dir).resolve()
     path = root / fmt.MANIFEST_NAME
     raw = fmt.read_manifest_bytes(root)  # refuses, saying why: missing, unfinished, a build running, not a cache
@@ -120,16 +163,32 @@ def register_cache(name: str, cache_dir: str | os.PathLike) -> RegisteredCache:
                            layout=fmt.layout_from_manifest(manifest))
 
 
+def _register_object_cache(name: str, url: str) -> RegisteredCache:
+    """An object-store cache: its manifest read once, its shards downloaded on demand into a temporary root."""
+    store = storage.open_store(url)
+    raw = fmt.read_object_manifest(store)
+    manifest = fmt.parse_manifest(raw, source=store.child_url(fmt.MANIFEST_NAME))
+    root = Path(tempfile.mkdtemp(prefix=f"kdcache-serve-{name}-")).resolve()
+    cache = RegisteredCache(name=name, root=root, manifest_raw=raw, manifest=manifest,
+                            layout=fmt.layout_from_manifest(manifest), store=store, location=store.description)
+    weakref.finalize(cache, shutil.rmtree, str(root), True)
+    return cache
+
+
 def register_caches(items: Iterable[tuple[str, str | os.PathLike]]) -> dict[str, RegisteredCache]:
     """Register several caches; duplicate names are refused."""
     caches: dict[str, RegisteredCache] = {}
     for name, directory in items:
         if name in caches:
             raise RegistryError(
-                f"two caches are named {name!r} ({caches[name].root} and {Path(directory).resolve()}); "
+                f"two caches are named {name!r} ({caches[name].location} and {_shown(directory)}); "
                 "pick names with NAME=DIR"
             )
         caches[name] = register_cache(name, directory)
     if not caches:
         raise RegistryError("no caches to serve: pass at least one cache directory")
     return caches
+
+
+def _shown(location: str | os.PathLike) -> str:
+    return storage.redact_url(location) if storage.is_url(location) else str(Path(location).resolve())

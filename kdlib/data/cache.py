@@ -101,6 +101,8 @@ class CacheReader:
         readahead: shards to decode ahead in the background when reading sequentially (0 disables).
         max_decoded_bytes: size limit of this cache's decoded shards on local disk (LRU); None = unlimited.
         prefetch_workers: background decode (and, remotely, fetch) threads.
+        decode_threads: threads decoding the inner chunks of one shard together (None: one per CPU core, at
+            most 8; 1: none besides the decoding thread). The values are the same either way.
         **deprecated: ``shard_cache_dir`` / ``shard_cache_bytes``, old names of ``decode_dir`` /
             ``max_decoded_bytes`` (DeprecationWarning).
     """
@@ -117,6 +119,7 @@ class CacheReader:
         readahead: int = 1,
         max_decoded_bytes: int | None = None,
         prefetch_workers: int = 1,
+        decode_threads: int | None = None,
         **deprecated: Any,
     ) -> None:
         if deprecated:
@@ -132,7 +135,8 @@ class CacheReader:
         self.decode_root = Path(decode_dir) if decode_dir is not None else default_decode_root()
         self.decode_dir = decoded_cache_dir(self.decode_root, raw)
         self.store = DecodedShardStore(
-            source, self.manifest, self.decode_dir, max_bytes=max_decoded_bytes, prefetch_workers=prefetch_workers
+            source, self.manifest, self.decode_dir, max_bytes=max_decoded_bytes, prefetch_workers=prefetch_workers,
+            decode_threads=decode_threads,
         )
         self.widen = widen
         self.readahead = readahead
@@ -361,8 +365,8 @@ class LocalCache(CacheReader):
 
     Args:
         cache_dir: the cache directory.
-        **options: ``decode_dir``, ``widen``, ``readahead``, ``max_decoded_bytes``, ``prefetch_workers``: see
-            ``CacheReader``.
+        **options: ``decode_dir``, ``widen``, ``readahead``, ``max_decoded_bytes``, ``prefetch_workers``,
+            ``decode_threads``: see ``CacheReader``.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, **options: Any) -> None:

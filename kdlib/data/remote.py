@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -46,6 +44,7 @@ from cache_server.format import CacheError, CorruptShardError
 from cache_server.format import wire
 from cache_server.format.wire import TOKEN_ENV
 from kdlib.data.cache import CacheReader
+from kdlib.data.retry import RetryPolicy
 
 __all__ = [
     "RemoteCache",
@@ -214,8 +213,7 @@ class HttpShardSource:
     # ------------------------------------------------------------------ HTTP with retries
 
     def _sleep_before_retry(self, attempt: int) -> None:
-        delay_s = min(self.max_backoff_s, self.backoff_s * (2 ** (attempt - 1)))
-        time.sleep(delay_s * (0.5 + random.random() / 2))
+        RetryPolicy(self.max_retries, self.backoff_s, self.max_backoff_s).sleep(attempt)
 
     def _get(
         self,

@@ -8,8 +8,10 @@ Decoding a compressed shard costs far more than slicing an uncompressed file, an
 shard many times (epochs, several DataLoader workers, several ranks), so a reader decodes each shard once
 into a file under the decode directory and memory-maps that file from then on. The store is shared by
 local and remote caches: the source decides where the stored bytes come from, the store checks them
-against the manifest's sha256, decodes them, publishes the copy atomically (with its crc32c, see
-``cache_server.format.decoded``), checks that crc32c once per process per file version (the first time the
+against the manifest's sha256 (in a hashing thread, beside the decode; nothing is published before the
+check passed), decodes them an inner chunk at a time (on ``decode_threads`` threads: Blosc, zstd, numpy's
+sort and sha256 release the GIL, so this pays even on two cores) into memory, writes the copy from that
+memory with its crc32c and publishes it atomically (``cache_server.format.decoded``), checks that crc32c once per process per file version (the first time the
 process maps a copy with that device, inode and mtime, whatever cache object maps it), keeps the
 directory within a byte limit (least recently used copies evicted; file mtime is the recency, so
 processes sharing the directory share one LRU) and decodes ahead in background threads on request.
@@ -23,6 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -56,6 +59,8 @@ class DecodedShardStore:
             evicted, so the directory may briefly exceed the limit by one shard.
         prefetch_workers: threads decoding ahead (``prefetch`` returns at once).
         max_open: memory maps kept open in this process (LRU); files stay on disk regardless.
+        decode_threads: threads that decode the inner chunks of one shard together (None: one per CPU core,
+            at most 8; 1: in the decoding thread alone). Blosc, zstd, numpy's sort and sha256 release the GIL.
     """
 
     _TOUCH_EVERY_S = 5.0
@@ -69,6 +74,7 @@ class DecodedShardStore:
         max_bytes: int | None = None,
         prefetch_workers: int = 1,
         max_open: int = 256,
+        decode_threads: int | None = None,
     ) -> None:
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"the decoded-shard size limit must be positive or None, got {max_bytes}")
@@ -80,20 +86,25 @@ class DecodedShardStore:
         self.max_bytes = max_bytes
         self.prefetch_workers = int(prefetch_workers)
         self.max_open = max_open
+        if decode_threads is not None and (not isinstance(decode_threads, int) or decode_threads < 1):
+            raise ValueError(f"decode_threads must be a positive integer or None, got {decode_threads!r}")
+        self.decode_threads = decode_threads if decode_threads is not None else min(8, os.cpu_count() or 1)
         self.evicted = 0
         self.redecoded = 0  # damaged copies found (crc32c mismatch) and decoded again by this process
         self._reset_process_state()
 
     # ------------------------------------------------------------------ process safety
 
-    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_inflight", "_inflight_lock", "_evict_lock", "_touched_s",
-                      "_known_good", "_stale_tmp_checked", "_pid")
+    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_hasher", "_chunk_pool", "_inflight", "_inflight_lock",
+                      "_evict_lock", "_touched_s", "_known_good", "_stale_tmp_checked", "_pid")
 
     def _reset_process_state(self) -> None:
         """Maps, locks and threads belong to one process: a forked or unpickled copy starts afresh."""
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
+        self._hasher: ThreadPoolExecutor | None = None  # sha256 checks beside the decodes
+        self._chunk_pool: ThreadPoolExecutor | None = None  # the inner chunks of a shard, decoded together
         self._inflight: dict[tuple[str, int], Future] = {}
         self._inflight_lock = threading.Lock()
         self._evict_lock = threading.Lock()
@@ -177,52 +188,65 @@ class DecodedShardStore:
 
     def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
         """Decode a shard into its copy at ``path``; a format v2 slot group is decoded whole (one sort per
-        position), and the copies of its other members that are not on disk yet are published too."""
+        position), and the copies of its other members that are not on disk yet are published too.
+
+        The stored bytes' sha256 is checked in the hashing thread while this thread decodes them, and nothing
+        is published before it passed. The shard is decoded into memory and written out with its crc32c taken
+        from that memory (``decoded.write_decoded_copy``): no writable map to fault in, no msync, no re-read.
+        """
         targets = [array] + [name for name in slots.group_arrays(self.layout, array)[1:]
                              if not self.is_decoded(name, shard_index)]
         inputs = dict.fromkeys([*targets, *fmt.decode_inputs(self.layout, array)])
-        raws = {name: self._stored_bytes(name, shard_index) for name in inputs}
+        raws = {name: self._read_stored(name, shard_index) for name in inputs}
+        hasher = self._pool("_hasher", max(1, self.prefetch_workers), "kdcache-sha256")
+        checks = [hasher.submit(self._verify_stored, raw, name, shard_index) for name, raw in raws.items()]
         start, stop = self.layout.shard_range(shard_index)
         self._remove_stale_tmp_files()
-        tmps = {name: self._tmp_path(self.path(name, shard_index)) for name in targets}
-        outs: dict[str, np.ndarray] = {}
         try:
-            try:
-                for name, tmp in tmps.items():
-                    tmp.parent.mkdir(parents=True, exist_ok=True)
-                    # Decode straight into the file's memory map: one pass, no intermediate buffer.
-                    spec = self.specs[name]
-                    outs[name] = decoded_fmt.create_decoded_copy(tmp, spec.dtype, spec.shape(stop - start))
-                    _allocate(tmp)  # a full disk is a clean OSError here, not a SIGBUS while writing the map
-                if len(raws) == 1 and slots.slot_group(self.layout, array) is None:
-                    fmt.decode_shard(raws[array], self.specs[array], self.layout, shard_index, out=outs[array])
-                else:
-                    fmt.decode_shard_group(raws, self.layout, shard_index, outs=outs)
-                for name in outs:
-                    outs[name].flush()  # msync: the data is on disk before the checksum is taken and the rename
-            finally:
-                outs.clear()  # unmap before the checksum and the rename
-            for name, tmp in tmps.items():
-                decoded_fmt.publish_decoded_copy(tmp, self.path(name, shard_index))
-        except BaseException:
-            for tmp in tmps.values():
-                tmp.unlink(missing_ok=True)
+            outs = {name: np.empty(self.specs[name].shape(stop - start), self.specs[name].dtype) for name in targets}
+            pool = self._pool("_chunk_pool", self.decode_threads, "kdcache-decode") if self.decode_threads > 1 else None
+            if len(raws) == 1 and slots.slot_group(self.layout, array) is None:
+                fmt.decode_shard(raws[array], self.specs[array], self.layout, shard_index, out=outs[array],
+                                 executor=pool)
+            else:
+                fmt.decode_shard_group(raws, self.layout, shard_index, outs=outs, executor=pool)
+        except CacheError:
+            for check in checks:
+                check.result()  # bytes that fail their sha256 are reported as such, not as a decode failure
             raise
+        finally:
+            futures_wait(checks)  # every check is over before anything is published (or the error raised)
+        for check in checks:
+            check.result()
         for name in targets:
+            final = self.path(name, shard_index)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            decoded_fmt.write_decoded_copy(self._tmp_path(final), final, outs.pop(name))
             try:  # written here: no need to check it again
-                self._known_good.add(decoded_fmt.file_identity(self.path(name, shard_index)))
+                self._known_good.add(decoded_fmt.file_identity(final))
             except FileNotFoundError:
                 pass  # evicted already by another process; the map attempt decodes again
             self._touched_s[(name, shard_index)] = time.monotonic()
         if self.max_bytes is not None:
             self._evict(keep=path)
 
-    def _stored_bytes(self, array: str, shard_index: int) -> bytes:
-        """A stored shard's bytes from the source, checked against the manifest's sha256."""
-        ndim = 1 + len(self.specs[array].trailing_shape)
-        raw = self.source.read_shard(array, shard_index, ndim)
+    def _read_stored(self, array: str, shard_index: int) -> bytes:
+        """A stored shard's bytes from the source (not checked yet: ``_verify_stored``)."""
+        return self.source.read_shard(array, shard_index, 1 + len(self.specs[array].trailing_shape))
+
+    def _verify_stored(self, raw: bytes, array: str, shard_index: int) -> None:
+        """Raise CorruptShardError unless the bytes match the manifest's size and sha256 (hashlib releases
+        the GIL, so this runs beside the decode)."""
         fmt.verify_shard_bytes(raw, self.manifest["shards"][array][shard_index], array, shard_index)
-        return raw
+
+    def _pool(self, attribute: str, threads: int, name: str) -> ThreadPoolExecutor:
+        """This process's thread pool kept in ``attribute`` (made on first use; ``close`` stops it)."""
+        with self._inflight_lock:
+            pool = getattr(self, attribute)
+            if pool is None:
+                pool = ThreadPoolExecutor(threads, thread_name_prefix=name)
+                setattr(self, attribute, pool)
+            return pool
 
     @staticmethod
     def _tmp_path(path: Path) -> Path:
@@ -280,9 +304,11 @@ class DecodedShardStore:
 
     def close(self) -> None:
         """Stop the background threads of this process (they restart on the next prefetch)."""
-        if self._executor is not None and self._pid == os.getpid():
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        self._executor = None
+        if self._pid == os.getpid():
+            for pool in (self._executor, self._hasher, self._chunk_pool):  # decodes first: they use the others
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        self._executor = self._hasher = self._chunk_pool = None
 
     # ------------------------------------------------------------------ size limit
 
@@ -341,19 +367,3 @@ class DecodedShardStore:
                     self._maps.pop(key, None)
                 self._touched_s.pop(key, None)
 
-
-def _allocate(path: Path) -> None:
-    """Reserve the blocks of a freshly created (sparse) file."""
-    if not hasattr(os, "posix_fallocate"):
-        return
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
-    except OSError as exc:
-        if exc.errno in (95, 22):  # EOPNOTSUPP / EINVAL: the filesystem cannot preallocate; carry on
-            return
-        raise OSError(exc.errno, f"cannot allocate {os.fstat(fd).st_size} bytes for a decoded shard in "
-                      f"{path.parent} ({exc.strerror}); free space or set KDCACHE_DECODE_DIR / "
-                      "max_decoded_bytes") from exc
-    finally:
-        os.close(fd)

@@ -12,7 +12,10 @@ In ``kdlib.integrations.step`` (re-exported here):
   default it checks the VOCABULARY only (sizes, and thereby the top-k ids); your tokens are compared with the
   cache's only when you pass ``student_input_ids=``.
 
-And :class:`KDTrainer` (``kdlib.integrations.hf_trainer``, imported lazily: transformers is an optional extra).
+And, imported lazily (their frameworks are optional extras): :class:`KDTrainer` and :class:`KDLossMixin`
+(``kdlib.integrations.hf_trainer``, transformers), :class:`KDSFTTrainer` (``kdlib.integrations.trl``, TRL's
+``SFTTrainer``), :class:`CacheDataModule` and :class:`DistillModule` (``kdlib.integrations.lightning``, PyTorch
+Lightning).
 """
 
 from __future__ import annotations
@@ -22,10 +25,14 @@ from typing import Any
 
 from kdlib.integrations.step import TEACHER_KEYS, distill_loss, kd_step_loss, logits_of, split_teacher_batch
 
-__all__ = ["kd_step_loss", "distill_loss", "logits_of", "TEACHER_KEYS", "split_teacher_batch", "KDTrainer"]
+__all__ = ["kd_step_loss", "distill_loss", "logits_of", "TEACHER_KEYS", "split_teacher_batch", "KDTrainer",
+           "KDLossMixin", "KDSFTTrainer", "CacheDataModule", "DistillModule"]
+
+_LAZY = {"KDTrainer": "hf_trainer", "KDLossMixin": "hf_trainer", "KDSFTTrainer": "trl",
+         "CacheDataModule": "lightning", "DistillModule": "lightning"}
 
 
 def __getattr__(name: str) -> Any:
-    if name == "KDTrainer":
-        return importlib.import_module("kdlib.integrations.hf_trainer").KDTrainer
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"kdlib.integrations.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'kdlib.integrations' has no attribute {name!r}")

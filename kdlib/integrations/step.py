@@ -22,13 +22,14 @@ from typing import Any, Mapping
 import torch
 
 from kdlib.alignment import check_alignment
-from kdlib.batch import DEFAULT_IGNORE_INDEX, batch_labels, student_input_ids
+from kdlib.batch import DEFAULT_IGNORE_INDEX, KEEP_ON_CPU, batch_labels, student_input_ids
 
 __all__ = ["kd_step_loss", "distill_loss", "logits_of", "TEACHER_KEYS", "split_teacher_batch", "model_device"]
 
-# Batch entries that belong to the teacher side (never passed to the student model).
-TEACHER_KEYS = ("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs", "sample_temperature",
-                "lse", "labels", "sample_indices", "teacher_vocab_size")
+# Batch entries that belong to the teacher side (never passed to the student model): the targets, and every
+# bookkeeping entry the batch makers keep on the CPU (kdlib.batch.KEEP_ON_CPU).
+TEACHER_KEYS = tuple(dict.fromkeys(("topk_ids", "topk_logprobs", "sample_ids", "sample_counts", "sample_logprobs",
+                                    "lse", "labels") + KEEP_ON_CPU))
 
 
 def split_teacher_batch(batch: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

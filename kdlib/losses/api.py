@@ -19,7 +19,7 @@ from torch import nn
 from ._inputs import reduce_rows
 from .backends import resolve_backend
 from .fused import SparseKDFunction
-from .options import KDLossOptions, resolve_options
+from .options import KDLossOptions, check_for_teacher_tail, resolve_options
 from .reference import kd_loss_reference
 from .targets import SampleTargets, flatten_any, sample_temperature_value, target_kind
 from .torch_pass import compute_dtype
@@ -145,7 +145,8 @@ def kd_loss_from_batch(
     ``batch["sample_temperature"]`` (τs, a 0-dim tensor) and ``batch[f"lse_t{τs:g}"]`` (when τs ∉ {1, τ}),
     ``batch["labels"]`` unless ``labels`` is given. Tensors are moved to the student's device. The options are
     kd_loss's plus ``allow_padded_vocab`` (a student vocabulary larger than the batch's ``teacher_vocab_size``
-    passes).
+    passes, and a smaller one when every id of the batch is below it: docs/LOSSES.md, "Student vocabulary
+    smaller than the teacher's").
 
     Raises:
         AlignmentError: the student's vocabulary differs from the cache's teacher's.
@@ -156,10 +157,10 @@ def kd_loss_from_batch(
     kind = _batch_kind(batch)
     # kdlib.batch owns the vocabulary rule (and imports nothing of kdlib.losses); imported on first use so that
     # importing the losses does not load the batch module. A CPU tensor there is read without a device sync.
-    from kdlib.batch import check_student_vocab
+    from kdlib.batch import check_batch_vocab
 
-    check_student_vocab(student_logits.shape[-1], batch.get("teacher_vocab_size"),
-                        allow_padded_vocab=options.allow_padded_vocab)
+    check_batch_vocab(student_logits.shape[-1], batch, allow_padded_vocab=options.allow_padded_vocab)
+    check_for_teacher_tail(options, kind, "teacher_tail_missing" in batch)
     device = student_logits.device
 
     def get(key):

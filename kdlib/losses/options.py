@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 from .sparse_math import DIVERGENCES, TAILS, effective_divergence
 
-__all__ = ["KDLossOptions", "resolve_options", "check_for_targets", "ENTRY_POINT_OPTIONS", "REDUCTIONS", "BACKENDS",
-           "TARGET_KINDS", "SAMPLED_DIVERGENCES"]
+__all__ = ["KDLossOptions", "resolve_options", "check_for_targets", "check_for_teacher_tail", "ENTRY_POINT_OPTIONS",
+           "REDUCTIONS", "BACKENDS", "TARGET_KINDS", "SAMPLED_DIVERGENCES"]
 
 REDUCTIONS = ("mean", "sum", "none")
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -63,7 +63,8 @@ class KDLossOptions:
             small chunks made the loss several times slower than CE on a busy CPU).
         chunk_size: rows per chunk of :func:`kdlib.kd_loss_from_hidden` (its memory ∝ chunk_size × V).
         allow_padded_vocab: :func:`kdlib.kd_loss_from_batch` accepts a student vocabulary larger than the
-            cache's teacher's (an embedding padded to a multiple of 64).
+            cache's teacher's (an embedding padded to a multiple of 64), or smaller than it when every id of
+            the batch is below the student's vocabulary (a teacher embedding padded beyond the student's).
     """
 
     ce_weight: float = 0.0
@@ -163,6 +164,20 @@ def check_for_targets(options: KDLossOptions, kind: str) -> None:
         f"divergence {options.divergence!r} has no unbiased estimator from teacher samples ({kind} targets): it "
         f"needs the teacher's density at points the student picks, or a non-linear function of it; use "
         f"divergence='forward_kl' with sampled targets, or a top-k cache for {options.divergence!r}")
+
+
+def check_for_teacher_tail(options: KDLossOptions, kind: str, tail_missing: bool) -> None:
+    """Refuse ``tail="bucket"`` on a cache that knows no tail mass (``tail_missing``: the batch carries
+    ``teacher_tail_missing``, set for a cache imported from a source renormalized over its k ids, e.g. axolotl).
+
+    The bucket term needs the teacher's mass outside the stored ids; such a cache stores 0 there, which would
+    silently drop the term. ``renormalize`` and ``none`` need no tail and pass; so do sample/hybrid targets.
+    """
+    if tail_missing and kind == "topk" and options.tail == "bucket" and options.kd_weight > 0:
+        raise ValueError(
+            "tail='bucket' needs the teacher's probability mass outside the cached top-k, but this cache was "
+            "imported from a source that renormalized its log-probs over the k ids (its manifest's "
+            "provenance.tail is 'none'), so that mass is unknown; use tail='renormalize' (or tail='none')")
 
 
 def resolve_options(options: KDLossOptions | None, overrides: Mapping[str, Any], *,

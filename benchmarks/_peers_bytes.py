@@ -1,0 +1,110 @@
+"""Bytes per token of one teacher output stored three ways: kdcache (the cache as built), axolotl-style Parquet
+(zstd; what ``kdcache export --to axolotl`` writes) and DistillKit's codec (its compressed-logit Parquet, zstd,
+with the README's "budget" settings at k = the cache's K: exact_k 1 bfloat16, polynomial [0, 1, sqrt]).
+
+``storage_rows(cache_dir, tmp_dir)`` is what benchmarks/compare_peers.py calls; ``python -m
+benchmarks._peers_bytes [CACHE]`` prints one JSON line per format (without CACHE: a small synthetic cache).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["storage_rows"]
+
+
+def _distillkit_parquet(cache_dir: Path, out: Path) -> tuple[int, int]:
+    """DistillKit's layout of the cache's top-k (L-1 positions per row); returns (file bytes, codec bytes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cache_server import format as fmt
+    from cache_server.build.merge import CacheRows
+    from cache_server.interop import distillkit_codec as codec
+
+    manifest = fmt.load_manifest(cache_dir)
+    layout = fmt.layout_from_manifest(manifest)
+    rows = CacheRows(cache_dir, manifest, layout)
+    K, T = layout.topk, layout.seq_len
+    config = codec.CodecConfig(d=layout.vocab_size, k=K, exact_k=1, exact_dtype="bfloat16",
+                               polynomial_terms=(0, 1, "sqrt"), delta_encoding=False)
+    bits = codec.index_bits(layout.vocab_size)
+    schema = pa.schema([pa.field("input_ids", pa.list_(pa.uint64())),
+                        pa.field("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
+                        pa.field("bytepacked_indices", pa.list_(pa.list_(pa.uint8())))])
+    raw = 0
+    with pq.ParquetWriter(out, schema, compression="zstd") as writer:
+        for index in range(layout.num_shards):
+            start, stop = layout.shard_range(index)
+            n = stop - start
+            x = rows.read("input_ids", start, stop)
+            ids = rows.read("topk_ids", start, stop)[:, :-1].reshape(-1, K)
+            lp = rows.read("topk_logprobs", start, stop)[:, :-1].reshape(-1, K).astype(np.float32)
+            values = codec.encode_logprobs(lp, config).reshape(n, T - 1, -1)
+            packed = codec.pack_bits(ids, bits).reshape(n, T - 1, -1)
+            raw += values.nbytes + packed.nbytes
+            writer.write_table(pa.table({"input_ids": x.astype(np.uint64).tolist(),
+                                         "compressed_logprobs": values.tolist(),
+                                         "bytepacked_indices": packed.tolist()}, schema=schema))
+    return out.stat().st_size, raw
+
+
+def storage_rows(cache_dir: str | Path, tmp_dir: str | Path) -> list[dict]:
+    """One dict per format: ``format``, ``bytes``, ``tokens``, ``bytes_per_token`` (+ notes)."""
+    from cache_server import format as fmt
+    from cache_server.interop import ExportOptions, export_cache
+
+    cache_dir, tmp_dir = Path(cache_dir), Path(tmp_dir)
+    manifest = fmt.load_manifest(cache_dir)
+    tokens = int(manifest["stats"]["tokens"])
+    K = int(manifest["topk"])
+    rows = [{"format": "kdcache", "bytes": int(manifest["stats"]["stored_bytes"]), "tokens": tokens,
+             "note": f"format v{manifest['format_version']}, {manifest.get('logprob_codec', 'exact')} log-probs, "
+                     "incl. lse and per-sequence stats"}]
+    axolotl = tmp_dir / "peers_axolotl.parquet"
+    export_cache(ExportOptions(cache=str(cache_dir), to="axolotl", out=str(axolotl), overwrite=True, progress=False),
+                 log=lambda _: None)
+    rows.append({"format": "axolotl-parquet-zstd", "bytes": axolotl.stat().st_size, "tokens": tokens,
+                 "note": "input_ids, labels, attention_mask, target_token_ids, target_logprobs (fp32), target_mask"})
+    size, raw = _distillkit_parquet(cache_dir, tmp_dir / "peers_distillkit.parquet")
+    rows.append({"format": "distillkit-parquet-zstd", "bytes": size, "tokens": tokens,
+                 "note": f"k={K}, exact_k 1 bf16 + polynomial [0,1,sqrt] (lossy); codec alone "
+                         f"{raw / tokens:.1f} B/token"})
+    for row in rows:
+        row["bytes_per_token"] = round(row["bytes"] / row["tokens"], 2)
+    return rows
+
+
+def _synthetic_cache(tmp: Path) -> Path:
+    """A 64 x 256 top-32 cache of a Zipf-like teacher over V = 32000, imported from a plain Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cache_server.interop import ImportOptions, run_import
+
+    rng = np.random.default_rng(0)
+    n, T, K, V = 64, 256, 32, 32000
+    x = rng.zipf(1.3, (n, T)) % V
+    nxt = np.concatenate([x[:, 1:], x[:, :1]], axis=1)  # the next token first, then K-1 distinct others
+    ids = (nxt[:, :, None] + np.arange(K)[None, None, :] * 7) % V
+    logits = -np.sort(rng.exponential(1.0, (n, T, K + 200)), axis=-1)[..., :K] * 2
+    lp = (logits - np.log(np.exp(logits).sum(-1, keepdims=True) * 1.1)).astype(np.float32)
+    pq.write_table(pa.table({"input_ids": x.tolist(), "topk_ids": ids.tolist(), "topk_logprobs": lp.tolist()}),
+                   tmp / "synthetic.parquet")
+    out = tmp / "synthetic_cache"
+    run_import(ImportOptions(src=str(tmp / "synthetic.parquet"), kind="parquet", out=str(out), vocab_size=V,
+                             progress=False, check_alignment=False), log=lambda _: None)
+    return out
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(sys.argv[1]) if len(sys.argv) > 1 else _synthetic_cache(Path(tmp))
+        for result in storage_rows(cache, tmp):
+            print(json.dumps({"benchmark": "peers_bytes", "cache": str(cache) if len(sys.argv) > 1 else "synthetic",
+                              **result}))
