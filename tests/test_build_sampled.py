@@ -141,13 +141,21 @@ def test_sample_cache_values_and_manifest(setup, tmp_path):
     assert (ref_counts != _dense(ids, counts)).any(-1).sum() <= 1
 
 
-# One torch thread: with two, MKL splits a matmul by its row count, so batches of 3 and of 8 round the logits'
-# last bits differently (the build promises identity for the same --batch-size; across batch sizes only here).
-@pytest.mark.usefixtures("one_cpu_thread")
+def _main_one_thread(args: list[str]) -> int:
+    """``kdcache build`` in a fresh process with one OpenMP thread: with two, MKL splits a matmul by its row
+    count, so batches of 3 and of 8 round the logits' last bits differently (the build promises identity for the
+    same --batch-size; across batch sizes only single-threaded). A fresh process, because threads this one
+    started earlier keep the thread count they had."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "cache_server", *args], cwd=REPO, env=env,
+                          stdout=subprocess.DEVNULL).returncode
+
+
 def test_rerun_other_batch_size_and_sigkill_resume_are_byte_identical(setup):
     root, teacher = setup
     flags = ("--targets", "hybrid", "--topk", 3, "--samples", 16, "--sample-temperature", 0.5)
-    reference = _build(setup, "hybrid", *flags)
+    reference = root / "hybrid-1thread"
+    assert _main_one_thread(_args(root, teacher, reference, *flags)) == 0
     ref_manifest = fmt.load_manifest(reference)
 
     def same_shards(other: Path) -> None:
@@ -157,7 +165,7 @@ def test_rerun_other_batch_size_and_sigkill_resume_are_byte_identical(setup):
             assert (other / path.relative_to(reference)).read_bytes() == path.read_bytes()
 
     other_batch = root / "hybrid-b3"
-    assert main(_args(root, teacher, other_batch, *flags, "--batch-size", 3)) == 0
+    assert _main_one_thread(_args(root, teacher, other_batch, *flags, "--batch-size", 3)) == 0
     same_shards(other_batch)
 
     killed = root / "hybrid-killed"

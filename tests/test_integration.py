@@ -3,7 +3,6 @@ accelerate with 2 gloo processes, the loader over a RemoteCache."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import torch
 
 import kdlib
 from kdlib.integrations import distill_loss
+from tests.examples import load_example
 from tests.cachefactory import make_synthetic_cache
 from tests.serverproc import ServerProcess
 
@@ -24,9 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWa
 
 
 def _example(name: str):
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module(name)
+    return load_example(name)
 
 
 @pytest.fixture(scope="module")

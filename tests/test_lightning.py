@@ -8,7 +8,6 @@ last complete checkpoint it left. The training step checks the vocabulary.
 
 from __future__ import annotations
 
-import importlib
 import os
 import signal
 import subprocess
@@ -23,17 +22,16 @@ pytest.importorskip("lightning")
 
 import kdlib  # noqa: E402
 from kdlib.integrations.lightning import CacheDataModule, LightningCacheLoader  # noqa: E402
+from tests.examples import EXAMPLES, load_example
 from tests.cachefactory import make_synthetic_cache  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning",
                                         "ignore::FutureWarning")
 
 
 def _example():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module("lightning_distill")
+    return load_example("lightning_distill")
 
 
 @pytest.fixture(scope="module")

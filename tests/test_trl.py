@@ -7,9 +7,6 @@ on by default; the errors say what to do.
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,17 +14,15 @@ import torch
 pytest.importorskip("trl")
 
 import kdlib  # noqa: E402
+from tests.examples import load_example
 from tests.cachefactory import make_synthetic_cache  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
 
 def _example():
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
-    return importlib.import_module("trl_distill")
+    return load_example("trl_distill")
 
 
 @pytest.fixture(scope="module")
