@@ -8,7 +8,8 @@ Flow (the driver is the ``kdcache build`` process, which holds the build lock)::
     the cache → the driver hands out the writer's pending_shards(), two in flight per actor → each actor
     computes a shard with pipeline.ShardComputer (batched exactly as the local engine: same --batch-size ⇒
     same bytes) and writes it through its own CacheWriter (the same whole-shard write + journal entry)
-    → the driver finalizes the manifest once.
+    → the driver finalizes the manifest once. With an object-store ``--out`` (``s3://...``) the actors get the
+    driver's storage variables (``AWS_*``, ``$KDCACHE_STORAGE_OPTIONS``: :func:`storage_env`) in their runtime env.
 
 Faults: an actor whose process dies is restarted by Ray (``max_restarts``, the teacher reloads); the calls
 it had in flight fail with ``RayActorError`` and the driver re-queues their shards, which are rewritten
@@ -35,14 +36,18 @@ from cache_server.build.options import BuildInputError, BuildOptions, check_devi
 from cache_server.build.pipeline import PipelineStats, ShardComputer
 from cache_server.build.sources import TokenizerInfo, open_token_data
 from cache_server.build.writer import CacheWriter
+from cache_server.format import storage
 
-__all__ = ["RayEngineError", "ShardWorker", "WorkerPlan", "pool_shape", "run_ray_build"]
+__all__ = ["RayEngineError", "ShardWorker", "WorkerPlan", "pool_shape", "run_ray_build", "storage_env"]
 
 Log = Callable[[str], None]
 
 _IN_FLIGHT_PER_WORKER = 2  # one computing, one queued: the actor never waits for the driver between shards
 _MAX_RESTARTS = 3  # per actor (Ray restarts a dead actor's process, which reloads the teacher)
 _SHARD_ATTEMPTS = 3  # a shard whose actor died this many times stops the build
+# What an actor writing to an object-store --out needs from the driver's environment: the actors run in the
+# Ray cluster's environment (the raylet's, started before and apart from this command), not the driver's.
+_STORAGE_ENV_PREFIXES = ("AWS_", "AZURE_STORAGE_", "GOOGLE_APPLICATION_CREDENTIALS", storage.STORAGE_OPTIONS_ENV)
 
 
 class RayEngineError(fmt.CacheError):
@@ -204,13 +209,35 @@ def pool_shape(opts: BuildOptions, cluster: dict[str, float]) -> tuple[int, floa
     return workers, per_worker, threads
 
 
+def storage_env(out: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The driver's object-store variables (``AWS_*``, ``$KDCACHE_STORAGE_OPTIONS``...) the actors get when ``out``
+    is a URL (``s3://...``); ``{}`` for a local directory (nothing secret leaves the driver that is not needed).
+
+    They travel as the actors' Ray ``runtime_env`` ``env_vars`` (held by the cluster's GCS for the job's life,
+    as any actor argument): credentials best come from instance roles or ``~/.aws`` profiles on every node.
+
+    Args:
+        out: the build's ``--out`` (a directory or a URL).
+        environ: the variables to pick from (default ``os.environ``).
+
+    Returns:
+        name → value of every ``AWS_*``, ``AZURE_STORAGE_*``, ``GOOGLE_APPLICATION_CREDENTIALS`` and
+        ``$KDCACHE_STORAGE_OPTIONS`` variable, or ``{}``.
+    """
+    if not storage.is_url(out):
+        return {}
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(_STORAGE_ENV_PREFIXES)}
+
+
 def _start_pool(ray, prep, log: Log) -> list:
     opts = prep.options
     workers, gpus, threads = pool_shape(opts, ray.cluster_resources())
     device = "cuda" if gpus else opts.device  # Ray sets CUDA_VISIBLE_DEVICES to the actor's GPU(s)
+    env_vars = storage_env(str(opts.out))
     actor_class = ray.remote(ShardWorker).options(
         num_gpus=gpus, num_cpus=threads or 1, max_restarts=_MAX_RESTARTS, max_task_retries=0,
-        max_concurrency=_IN_FLIGHT_PER_WORKER + 1)
+        max_concurrency=_IN_FLIGHT_PER_WORKER + 1, **({"runtime_env": {"env_vars": env_vars}} if env_vars else {}))
     actors = [actor_class.remote(opts, prep.teacher, prep.tokenizer, device, threads, os.getcwd())
               for _ in range(workers)]
     log(f"ray: starting {workers} workers ({f'{gpus:g} GPU' if gpus else f'{threads} CPU threads'} each)")
