@@ -22,6 +22,7 @@ import pytest
 from cache_server import format as fmt
 from cache_server.build.writer import STATE_DIR
 from cache_server.cli import main
+from tests.cachecompare import assert_same_shards_and_arrays
 from tests.teachers import make_llama_teacher
 
 ray = pytest.importorskip("ray")
@@ -64,15 +65,7 @@ def _assert_identical(reference: Path, out: Path) -> None:
     ref_manifest, manifest = fmt.load_manifest(reference), fmt.load_manifest(out)
     ref_manifest.pop("created_at"), manifest.pop("created_at")
     assert manifest == ref_manifest
-    for _, _, path in fmt.iter_shard_files(reference, fmt.load_manifest(reference)):
-        rel = path.relative_to(reference)
-        assert (out / rel).read_bytes() == path.read_bytes(), f"{rel} differs"
-    import zarr
-
-    a, b = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(out), mode="r")
-    for name in ref_manifest["arrays"]:
-        np.testing.assert_array_equal(a[name][:], b[name][:])
-    assert not (out / STATE_DIR).exists()
+    assert_same_shards_and_arrays(reference, out)
 
 
 def _start_cli(args: list[str]) -> subprocess.Popen:

@@ -17,6 +17,7 @@ from cache_server import format as fmt
 from cache_server.cli import main
 from cache_server.build.writer import STATE_DIR
 from cache_server.format.build_lock import build_lock_holder
+from tests.cachecompare import assert_same_shards_and_arrays
 from tests.teachers import make_llama_teacher
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,15 +77,7 @@ def test_sigkill_then_resume_is_bitwise_identical(setup):
     ref_manifest, manifest = fmt.load_manifest(reference), fmt.load_manifest(out)
     assert manifest["shards"] == ref_manifest["shards"]
     assert manifest["build_args"] == ref_manifest["build_args"]
-    for array, index, path in fmt.iter_shard_files(reference, ref_manifest):
-        rel = path.relative_to(reference)
-        assert (out / rel).read_bytes() == path.read_bytes(), f"{rel} differs"
-    import zarr
-
-    a, b = zarr.open_group(str(reference), mode="r"), zarr.open_group(str(out), mode="r")
-    for name in ref_manifest["arrays"]:
-        np.testing.assert_array_equal(a[name][:], b[name][:])
-    assert not (out / STATE_DIR).exists()
+    assert_same_shards_and_arrays(reference, out)
 
 
 def test_rerun_complete_different_settings_and_overwrite(setup, capsys):
