@@ -80,6 +80,42 @@ def storage_rows(cache_dir: str | Path, tmp_dir: str | Path) -> list[dict]:
     return rows
 
 
+def real_caches(work: Path, *, steps: int = 200, vocab: int = 2048, seq_len: int = 128, topk: int = 32,
+                sequences: int = 64) -> dict[str, Path]:
+    """A real teacher output: a BPE tokenizer and a Llama 2x64 trained ``steps`` AdamW steps on the Python stdlib's
+    source (examples/_demo_corpus.py, nothing downloaded), then ``kdcache build`` of the same ``sequences`` x
+    ``seq_len`` tokens at top-``topk`` with each codec option; returns {option name: cache dir} (reused if built)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "examples"))
+    from _demo_corpus import stdlib_files, tokenize, train_teacher, train_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    files = stdlib_files(600_000)
+    tokenizer_dir = train_tokenizer(work, files, vocab)
+    tokens = np.load(tokenize(work, tokenizer_dir, files))
+    from transformers import AutoTokenizer
+
+    vocab_size = len(AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True))
+    teacher = train_teacher(work, tokens, vocab_size, seq_len, steps, hidden=64, layers=2, name=f"teacher_{steps}")
+    n = min(sequences, len(tokens) // seq_len)
+    data = work / f"train_{n}x{seq_len}.npy"
+    np.save(data, tokens[: n * seq_len].reshape(n, seq_len))
+    options = {"kdcache": [], "kdcache-q8": ["--logprob-codec", "q8"], "kdcache-lz4": ["--codec", "blosc-lz4"]}
+    out = {}
+    for name, extra in options.items():
+        cache = work / f"cache_{name}"
+        if not (cache / "manifest.json").exists():
+            cmd = [sys.executable, "-m", "cache_server", "build", "--teacher", str(teacher), "--data", str(data),
+                   "--seq-len", str(seq_len), "--out", str(cache), "--topk", str(topk), "--batch-size", "16", *extra]
+            done = subprocess.run(cmd, cwd=repo, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"kdcache build {name} failed: {done.stderr.strip()[-600:]}")
+        out[name] = cache
+    return out
+
+
 def _synthetic_cache(tmp: Path) -> Path:
     """A 64 x 256 top-32 cache of a Zipf-like teacher over V = 32000, imported from a plain Parquet."""
     import pyarrow as pa
@@ -102,9 +138,38 @@ def _synthetic_cache(tmp: Path) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``python -m benchmarks._peers_bytes [CACHE | --real WORK_DIR [--out FILE]]``: one JSON line per format; with
+    ``--real``, per codec option of a trained teacher's caches (``real_caches``), the last line a summary."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache", nargs="?", default=None, help="a cache directory (default: a synthetic cache)")
+    parser.add_argument("--real", default=None, help="work directory for real_caches (built there, reused)")
+    parser.add_argument("--out", default=None, help="JSON file for the rows and the summary")
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cache = Path(sys.argv[1]) if len(sys.argv) > 1 else _synthetic_cache(Path(tmp))
-        for result in storage_rows(cache, tmp):
-            print(json.dumps({"benchmark": "peers_bytes", "cache": str(cache) if len(sys.argv) > 1 else "synthetic",
-                              **result}))
+        if args.real:
+            caches = real_caches(Path(args.real))
+        else:
+            caches = {"kdcache": Path(args.cache) if args.cache else _synthetic_cache(Path(tmp))}
+        rows = []
+        for option, cache in caches.items():
+            for result in storage_rows(cache, tmp):
+                row = {"benchmark": "peers_bytes", "cache_option": option,
+                       "cache": "real" if args.real else (str(cache) if args.cache else "synthetic"), **result}
+                rows.append(row)
+                print(json.dumps(row))
+    lossless = next(r["bytes_per_token"] for r in rows if r["cache_option"] == "kdcache" and r["format"] == "kdcache")
+    peers = {r["format"]: r["bytes_per_token"] for r in rows if r["cache_option"] == "kdcache" and r["format"] != "kdcache"}
+    summary = {"benchmark": "peers_bytes", "bytes_cache": "real" if args.real else "given" if args.cache else "synthetic",
+               "bytes_vs_best_peer": lossless / min(peers.values()), "best_peer": min(peers, key=peers.get),
+               "kdcache_bytes_per_token": {r["cache_option"]: r["bytes_per_token"] for r in rows if r["format"] == "kdcache"},
+               "peers_bytes_per_token": peers, "command": " ".join(["python"] + sys.argv)}
+    if args.out:
+        Path(args.out).write_text(json.dumps({"rows": rows, "summary": summary}, indent=1) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

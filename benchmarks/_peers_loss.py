@@ -206,9 +206,11 @@ def _step(loss_fn: Callable[..., torch.Tensor], *tensors: torch.Tensor) -> Calla
 
 # long: three comparisons, each a table of closures over the same inputs
 def loss_rows(quick: bool, device: str = "cpu", rows: int = 4096, vocab: int = 32000, hidden: int = 512,
-              topk: int = 32, rounds: int | None = None) -> tuple[list[dict], dict[str, Any]]:
+              topk: int = 32, rounds: int | None = None,
+              sections: set[str] | None = None) -> tuple[list[dict], dict[str, Any]]:
     """The three loss comparisons (module docstring) as table rows and the summary ratios (peer / kdcache)."""
     dev = torch.device(device)
+    wanted = sections  # None: all three
     rounds = rounds or (3 if quick else 7)
     checks = check_peers()
     bad = [c for c in checks if not c["ok"] and "error" not in c]
@@ -257,6 +259,8 @@ def loss_rows(quick: bool, device: str = "cpu", rows: int = 4096, vocab: int = 3
     shapes = {"loss_logits": [rows, vocab], "from_hidden": [rows, hidden, vocab], "ce_from_hidden": [rows, hidden, vocab]}
     results = {}
     for section, make in sections.items():
+        if wanted is not None and section not in wanted:
+            continue
         fns = {name: fn for name, fn in make().items() if name not in broken}
         res = _time_interleaved(fns, rounds, dev)
         for name in broken & set(make()):
@@ -272,7 +276,7 @@ def loss_rows(quick: bool, device: str = "cpu", rows: int = 4096, vocab: int = 3
 
 def _ratios(results: dict[str, dict]) -> dict[str, Any]:
     def t(section, name):
-        return results[section].get(name, {}).get("fwd_bwd_s")
+        return results.get(section, {}).get(name, {}).get("fwd_bwd_s")
 
     def ratio(a, b):
         return None if a is None or b is None else a / b
@@ -291,3 +295,33 @@ def _ratios(results: dict[str, dict]) -> dict[str, Any]:
         axolotl_fused_vs_from_hidden=ratio(t("from_hidden", "axolotl_fused"), t("from_hidden", "kdcache_from_hidden")),
         ce_from_hidden_vs_cce=ratio(t("ce_from_hidden", "kdcache_ce"), t("ce_from_hidden", "cce")),
     )
+
+
+def main() -> None:
+    """``python benchmarks/_peers_loss.py --quick [--sections from_hidden,ce_from_hidden] [--out FILE]``."""
+    import argparse
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sections", default=None, help="comma list of loss_logits, from_hidden, ce_from_hidden")
+    parser.add_argument("--out", default=None, help="JSON file for the rows and the summary")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = None if args.sections is None else set(args.sections.split(","))
+    rows, summary = loss_rows(args.quick, rounds=args.rounds, sections=sections)
+    for row in rows:
+        print(row)
+    record = dict(command=" ".join(["python"] + sys.argv), rows=rows, summary=summary)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=1, default=str)
+    print(json.dumps({k: v for k, v in summary.items() if k != "correctness"}))
+
+
+if __name__ == "__main__":
+    main()

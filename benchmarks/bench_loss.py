@@ -33,6 +33,12 @@ Usage:
 ``--dtype`` (what benchmarks/gpu_suite.sh uses). The last stdout line is one JSON object (the first device's
 ratios); rows are appended to OUT/bench_loss.csv and the summary written to OUT/bench_loss.json (``--out``,
 default benchmarks/results).
+
+``--section crosstok`` times only the cross-tokenizer loss (``kdlib.crosstok.crosstok_loss``, fused path) vs
+F.cross_entropy on the same student logits [B·T_s, V] (B = 8; teacher vocabulary 2V, 75 % of it mapped;
+alignment mix EXACT / ULD / NONE = 62 / 19 / 19 %, as the crosstok_quality corpus; ce_weight = kd_weight = 0.5),
+after checking it (value and gradient) against ``crosstok_loss_reference`` on a 16-position slice; results go
+to OUT/bench_loss_crosstok.{csv,json} so the main reference files are not overwritten.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import machine_info  # noqa: E402
+from kdlib.crosstok import EXACT, NONE, ULD, crosstok_loss, crosstok_loss_reference  # noqa: E402
 from kdlib.losses import kd_loss, kd_loss_from_hidden, kd_loss_reference  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -289,6 +296,95 @@ def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size, re
     return {k: v for k, v in res.items() if k in ("materialized", "from_hidden")}
 
 
+CROSSTOK_BATCH, CROSSTOK_MIX = 8, (0.62, 0.19, 0.19)  # (EXACT, ULD, NONE) shares
+
+
+def make_crosstok_inputs(n, vocab, k, device, seed=0):
+    """Student logits [B, T_s, V] and cross-tokenizer targets (labels, teacher_pos, align, top-k, vocab_map)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, Ts = CROSSTOK_BATCH, n // CROSSTOK_BATCH
+    logits = torch.randn(B, Ts, vocab, generator=g) * 2
+    labels = torch.randint(0, vocab, (B, Ts), generator=g)
+    labels[:, ::17] = -100
+    u = torch.rand(B, Ts, generator=g)
+    align = torch.where(u < CROSSTOK_MIX[0], EXACT, torch.where(u < CROSSTOK_MIX[0] + CROSSTOK_MIX[1], ULD, NONE))
+    teacher_pos = torch.where(align == NONE, -1, torch.arange(Ts).expand(B, Ts))
+    vocab_t = 2 * vocab
+    vocab_map = torch.where(torch.rand(vocab_t, generator=g) < 0.75, torch.randint(0, vocab, (vocab_t,), generator=g), -1)
+    lps = (torch.log_softmax(torch.randn(B, Ts, k, generator=g) * 3, -1) - 0.05).sort(-1, descending=True).values
+    ids = torch.randint(0, vocab_t, (B, Ts, k), generator=g).to(torch.int32)
+    targets = [x.to(device) for x in (labels, teacher_pos, align, ids, lps.to(torch.float16), vocab_map)]
+    return logits.to(device), targets
+
+
+def bench_crosstok(n, vocab, k, device, repeats):
+    """fwd/bwd medians and peak MB of crosstok_loss vs CE on the same [N, V] student logits (checked first)."""
+    logits, (labels, tpos, align, ids, lps, vmap) = make_crosstok_inputs(n, vocab, k, device)
+    opts = dict(ce_weight=0.5, kd_weight=0.5)
+
+    def ce(z):
+        return F.cross_entropy(z.flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+    def crosstok(z, sl=(slice(None), slice(None)), loss=crosstok_loss):
+        return loss(z, labels[sl], tpos[sl], align[sl], ids[sl], lps[sl], vmap, **opts)
+
+    small = logits[:1, :16]  # the reference loops position by position: check a slice, then time the full shape
+    value, grad = _value_and_grad(lambda z: crosstok(z[None], (slice(0, 1), slice(0, 16))), small[0], ())
+    ref_value, ref_grad = _value_and_grad(
+        lambda z: crosstok(z[None], (slice(0, 1), slice(0, 16)), crosstok_loss_reference), small[0], ())
+    dv, dg = abs(value - ref_value), (grad - ref_grad).abs().max().item() / ref_grad.abs().max().item()
+    if dv > 1e-5 * max(1.0, abs(ref_value)) or dg > 1e-5:
+        raise SystemExit(f"crosstok_loss disagrees with the reference: |dvalue|={dv:.3g}, rel |dgrad|={dg:.3g}")
+    print(f"  checked crosstok   vs reference: |dvalue|={dv:.2g}, rel |dgrad|={dg:.2g}", flush=True)
+    fns = {"ce": ce, "crosstok_fused": crosstok}
+    for fn in fns.values():  # warm-up
+        time_once(fn, logits, (), device)
+    times = {name: ([], []) for name in fns}
+    for _ in range(repeats):  # interleaved: ce, crosstok, ce, crosstok, ...
+        for name, fn in fns.items():
+            f, b = time_once(fn, logits, (), device)
+            times[name][0].append(f)
+            times[name][1].append(b)
+    out = {}
+    for name, fn in fns.items():
+        fwd, bwd = times[name]
+        out[name] = dict(fwd_ms=statistics.median(fwd), bwd_ms=statistics.median(bwd),
+                         fwd_bwd_ms=statistics.median([a + b for a, b in zip(fwd, bwd)]),
+                         peak_mb=statistics.median(peak_once(fn, logits, (), device) for _ in range(3)))
+    return out
+
+
+def main_crosstok(args, repeats, command, stamp):
+    """``--section crosstok``: the cross-tokenizer row alone, to OUT/bench_loss_crosstok.{csv,json}."""
+    dev_name = "cuda" if args.device == "cuda" else "cpu"
+    device = torch.device(dev_name)
+    n = args.rows - args.rows % CROSSTOK_BATCH
+    print(f"[bench_loss] crosstok {dev_name} N={n} V={args.vocab} K={args.topk}, {repeats} interleaved repeats",
+          flush=True)
+    res = bench_crosstok(n, args.vocab, args.topk, device, repeats)
+    rows = []
+    for name, r in res.items():
+        print(f"  {name:22s} " + "  ".join(f"{k}={v:9.1f}" for k, v in r.items()), flush=True)
+        rows.append(dict(timestamp=stamp, device=dev_name, rows=n, vocab=args.vocab, topk=args.topk, dtype="float32",
+                         method=name, **r, machine=json.dumps(machine_info(device)), command=command))
+    csv_path = args.out / "bench_loss_crosstok.csv"
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    final = dict(crosstok_time_ratio_vs_ce=res["crosstok_fused"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
+                 crosstok_fwd_time_ratio_vs_ce=res["crosstok_fused"]["fwd_ms"] / res["ce"]["fwd_ms"],
+                 crosstok_bwd_time_ratio_vs_ce=res["crosstok_fused"]["bwd_ms"] / res["ce"]["bwd_ms"],
+                 crosstok_peak_mem_ratio_vs_ce=res["crosstok_fused"]["peak_mb"] / res["ce"]["peak_mb"],
+                 align_mix_exact_uld_none=list(CROSSTOK_MIX), shape=[n, args.vocab], dtype="float32",
+                 device=dev_name, command=command)
+    (args.out / "bench_loss_crosstok.json").write_text(json.dumps(final, indent=2) + "\n")
+    print(f"[bench_loss] wrote {csv_path} and {args.out / 'bench_loss_crosstok.json'}", flush=True)
+    print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()}))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few repetitions of the default shapes")
@@ -302,6 +398,9 @@ def main(argv=None):
                         help="auto: CPU (+ the CUDA shape when present); cpu / cuda: that device only")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="logits / parameters dtype")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of bench_loss.{csv,json}")
+    parser.add_argument("--section", choices=("main", "crosstok"), default="main",
+                        help="main: the kd_loss rows (bench_loss.json); crosstok: the cross-tokenizer loss row "
+                             "alone (bench_loss_crosstok.json)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch.cuda.is_available() is False on this machine")
@@ -310,6 +409,8 @@ def main(argv=None):
     out_dir = args.out
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if args.section == "crosstok":
+        return main_crosstok(args, repeats, command, stamp)
 
     dtype = DTYPES[args.dtype]
     if args.device == "auto":

@@ -86,14 +86,17 @@ def _bytes_section(cache: str | None, tmp: Path) -> tuple[list[dict], dict[str, 
     if mod is None:
         return [dict(section="bytes", method="(missing)", error="benchmarks/_peers_bytes.py not present")], {}
     try:
-        cache_dir = Path(cache) if cache else mod._synthetic_cache(tmp)  # its own small synthetic cache
+        if cache == "real":  # a trained teacher's cache (``real_caches``: about a minute), the default codec
+            cache_dir = mod.real_caches(tmp / "real")["kdcache"]
+        else:
+            cache_dir = Path(cache) if cache else mod._synthetic_cache(tmp)  # its own small synthetic cache
         rows = [dict(section="bytes", method=r["format"], **r) for r in mod.storage_rows(cache_dir, tmp)]
     except Exception as exc:
         return [dict(section="bytes", method="(failed)", error=f"{type(exc).__name__}: {exc}"[:300])], {}
     ours = next((r["bytes_per_token"] for r in rows if r["method"] == "kdcache"), None)
     peers = [r["bytes_per_token"] for r in rows if r["method"] != "kdcache"]
     return rows, dict(bytes_vs_best_peer=(ours / min(peers)) if ours and peers else None,
-                      bytes_cache=str(cache) if cache else "synthetic")
+                      bytes_cache=(str(cache) if cache else "synthetic"))
 
 
 def _write(out_dir: Path, name: str, rows: list[dict], summary: dict[str, Any], command: str) -> None:
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--vocab", type=int, default=32000, help="V of the loss comparisons")
     parser.add_argument("--hidden", type=int, default=512, help="H of the from-hidden comparisons")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 3 quick, 7 full)")
-    parser.add_argument("--cache", default=None, help="cache directory for the bytes rows (default: synthetic)")
+    parser.add_argument("--cache", default=None, help="cache directory for the bytes rows, or 'real' (a trained teacher's cache built here; default: synthetic)")
     parser.add_argument("--sections", default="loss,read,bytes", help="comma-separated subset to run")
     parser.add_argument("--out", default=str(RESULTS_DIR), help="directory for the JSON / CSV / PNG")
     args = parser.parse_args(argv)

@@ -204,3 +204,26 @@ def test_from_hidden_sampled_and_hybrid_match_materialized(kind, tau, ts, dtype,
         torch.testing.assert_close(kdlib.kd_loss_from_hidden(c["hidden"], c["weight"], *args, lm_head_bias=c["bias"],
                                                              ce_weight=0.5, chunk_size=4, **kw), ref.detach(),
                                    rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_ce_only_skips_ignored_rows_exactly(reduction):
+    """CE only (kd_weight=0): ignored rows leave the matmuls; value and grads equal F.cross_entropy (float64)."""
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 15, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 15))
+    labels[:, ::4] = -100
+    got = kdlib.kd_loss_from_hidden(hidden, weight, labels=labels, ce_weight=1.0, kd_weight=0.0,
+                                    reduction=reduction, chunk_size=7)
+    want = torch.nn.functional.cross_entropy((hidden @ weight.T).reshape(-1, 50), labels.reshape(-1),
+                                             ignore_index=-100, reduction=reduction)
+    g_got = torch.autograd.grad(got, (hidden, weight))
+    g_want = torch.autograd.grad(want, (hidden, weight))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+    assert g_got[0].shape == hidden.shape and bool((g_got[0][:, ::4] == 0).all())
+    labels[:] = -100
+    none = kdlib.kd_loss_from_hidden(hidden, weight, labels=labels, ce_weight=1.0, kd_weight=0.0, reduction=reduction)
+    assert float(none) == 0.0

@@ -261,7 +261,17 @@ def kd_loss_from_hidden(
     if lm_head_bias is not None and tuple(lm_head_bias.shape) != (vocab,):
         raise ValueError(f"lm_head_bias must be [V={vocab}], got {tuple(lm_head_bias.shape)}")
     lead = tuple(hidden.shape[:-1])
-    if topk_ids is None and topk_logprobs is None and sample_ids is None and options.kd_weight == 0:
+    ce_only = topk_ids is None and topk_logprobs is None and sample_ids is None and options.kd_weight == 0
+    if ce_only and labels is not None and tuple(labels.shape) == lead and hidden.device.type == "cpu":
+        # CE only: ignored rows add nothing to the loss and get a zero gradient, so only the labelled rows
+        # enter the three matmuls (as Cut Cross-Entropy does); CPU only, where the row count's host read is free
+        keep = (labels != options.ignore_index).reshape(-1)
+        if not bool(keep.all()):
+            rows = keep.nonzero().squeeze(1)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+            labels = labels.reshape(-1).index_select(0, rows)
+            lead = (rows.numel(),)
+    if ce_only:
         # CE only (kd_weight=0, no teacher targets): one dummy support id per row, whose gradient entry the
         # pass writes as its complete CE value; the cost of K = 1 gathers and writes
         topk_ids = torch.zeros(lead + (1,), dtype=torch.int64, device=hidden.device)
