@@ -299,6 +299,16 @@ def bench_fused_linear(n, hdim, vocab, k, dtype, device, backend, chunk_size, re
 CROSSTOK_BATCH, CROSSTOK_MIX = 8, (0.62, 0.19, 0.19)  # (EXACT, ULD, NONE) shares
 
 
+def _append_csv(csv_path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to ``csv_path`` (a header first when the file is new): runs accumulate, none is overwritten."""
+    new = not csv_path.exists()
+    with csv_path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
 def make_crosstok_inputs(n, vocab, k, device, seed=0):
     """Student logits [B, T_s, V] and cross-tokenizer targets (labels, teacher_pos, align, top-k, vocab_map)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -368,12 +378,7 @@ def main_crosstok(args, repeats, command, stamp):
         rows.append(dict(timestamp=stamp, device=dev_name, rows=n, vocab=args.vocab, topk=args.topk, dtype="float32",
                          method=name, **r, machine=json.dumps(machine_info(device)), command=command))
     csv_path = args.out / "bench_loss_crosstok.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    _append_csv(csv_path, rows)
     final = dict(crosstok_time_ratio_vs_ce=res["crosstok_fused"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
                  crosstok_fwd_time_ratio_vs_ce=res["crosstok_fused"]["fwd_ms"] / res["ce"]["fwd_ms"],
                  crosstok_bwd_time_ratio_vs_ce=res["crosstok_fused"]["bwd_ms"] / res["ce"]["bwd_ms"],
@@ -452,12 +457,7 @@ def main(argv=None):
             fused_linear_eval_time_ratio_vs_materialized=lin["from_hidden"]["eval_ms"] / lin["materialized"]["eval_ms"],
         )
     csv_path = out_dir / "bench_loss.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    _append_csv(csv_path, rows)
     first, n0, v0, dtype0, _ = runs[0]
     final = dict(summary[first], shape=[n0, v0], dtype=str(dtype0).replace("torch.", ""), device=first,
                  cuda=summary.get("cuda") if first != "cuda" else None, command=command)
