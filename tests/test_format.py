@@ -31,9 +31,10 @@ def _tiny_cache(tmp_path: Path, monkeypatch) -> Path:
 def test_manifest_exact_bytes(tmp_path, monkeypatch):
     out = _tiny_cache(tmp_path, monkeypatch)
     got = (out / fmt.MANIFEST_NAME).read_bytes()
-    if os.environ.get("KDCACHE_REGEN_GOLDEN") == "1":  # after a reviewed format change (bump the version!)
+    if os.environ.get("KDCACHE_REGEN_GOLDEN") == "1":  # after a reviewed format change (docs/FORMAT.md §9)
         GOLDEN.write_bytes(got)
-    assert got == GOLDEN.read_bytes(), "manifest bytes changed: a format change needs a version bump + FORMAT.md"
+    assert got == GOLDEN.read_bytes(), ("manifest bytes changed: a format change needs a version bump (or, for an "
+                                        "optional field old readers ignore, a FORMAT.md §9 entry) + FORMAT.md")
 
 
 def test_manifest_is_canonical_json(tmp_path, monkeypatch):
@@ -361,7 +362,7 @@ def test_decoder_and_checksum_errors_are_structured(tmp_path, monkeypatch):
     with pytest.raises(fmt.CorruptShardError) as info:
         fmt.verify_shard_bytes(bytes(raw), manifest["shards"]["lse"][1], "lse", 1, where=str(path))
     assert (info.value.array, info.value.shard_index, info.value.path) == ("lse", 1, str(path))
-    assert info.value.reason.startswith("sha256 ")
+    assert info.value.reason.startswith("xxh3_128 ")  # the fast digest a read checks
     with pytest.raises(fmt.CorruptShardError, match="index checksum mismatch") as info:
         fmt.decode_shard(bytes(raw), spec, layout, 1)
     assert info.value.reason == "shard index checksum mismatch"
@@ -419,3 +420,54 @@ def test_format_package_imports_nothing_else_of_ours_and_no_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
     assert sorted(fmt.__all__) == sorted(set(fmt.__all__)) and all(hasattr(fmt, name) for name in fmt.__all__)
+
+
+# --- the stored-bytes digest rule (format.shard_bytes_problem): xxh3_128 when recorded, else sha256 ----------
+def test_new_shard_entries_record_both_digests_and_reads_check_the_fast_one(tmp_path):
+    out, _ = make_synthetic_cache(tmp_path / "c", num_sequences=6, seq_len=4, topk=3, vocab_size=50, shard_seqs=4)
+    manifest = fmt.load_manifest(out)
+    path = out / fmt.shard_relpath("topk_ids", 0, 3)
+    raw = path.read_bytes()
+    entry = manifest["shards"]["topk_ids"][0]
+    assert entry == fmt.shard_checksums(raw)
+    assert entry["xxh3_128"] == fmt.shard_xxh3_128(raw) and len(entry["xxh3_128"]) == 32
+    assert fmt.shard_bytes_problem(raw, entry) is None
+    flipped = bytearray(raw)
+    flipped[len(raw) // 2] ^= 0x10
+    assert fmt.shard_bytes_problem(bytes(flipped), entry).startswith("xxh3_128 ")
+    assert fmt.shard_bytes_problem(raw[:-1], entry).startswith("size ")
+    # An entry whose sha256 disagrees with bytes whose xxh3_128 matches: a read trusts the fast digest, the
+    # audit (kdcache verify, repairs) checks every digest the entry records.
+    forged = {**entry, "sha256": "0" * 64}
+    assert fmt.shard_bytes_problem(raw, forged) is None
+    assert fmt.shard_bytes_problem(raw, forged, every_digest=True).startswith("sha256 ")
+    with pytest.raises(fmt.CorruptShardError, match="sha256"):
+        fmt.verify_shard_bytes(raw, forged, "topk_ids", 0, every_digest=True)
+
+
+def test_entries_without_the_fast_digest_are_checked_by_sha256(tmp_path):
+    """Caches written before xxh3_128 was recorded (and the v1 fixture) are still checked, by their sha256."""
+    out, arrays = make_synthetic_cache(tmp_path / "c", num_sequences=6, seq_len=4, topk=3, vocab_size=50,
+                                       shard_seqs=4)
+    raw_manifest = json.loads((out / fmt.MANIFEST_NAME).read_bytes())
+    for entries in raw_manifest["shards"].values():
+        for entry in entries:
+            del entry["xxh3_128"]
+    (out / fmt.MANIFEST_NAME).write_bytes(fmt.manifest_bytes(raw_manifest))
+    entry = raw_manifest["shards"]["lse"][1]
+    raw = (out / fmt.shard_relpath("lse", 1, 2)).read_bytes()
+    assert fmt.shard_bytes_problem(raw, entry) is None
+    assert fmt.shard_bytes_problem(raw, {**entry, "sha256": "1" * 64}).startswith("sha256 ")
+    import kdlib
+
+    with kdlib.open_cache(out, decode_dir=tmp_path / "dec") as cache:
+        np.testing.assert_array_equal(cache.read(0, 6, arrays=["lse"])["lse"].numpy(), arrays["lse"])
+
+
+@pytest.mark.parametrize("bad", ["ABCDEF" + "0" * 26, "0" * 31, 12, ""])
+def test_a_malformed_fast_digest_is_refused_when_the_manifest_is_read(tmp_path, bad):
+    out, _ = make_synthetic_cache(tmp_path / "c", num_sequences=6, seq_len=4, topk=3, vocab_size=50, shard_seqs=4)
+    raw_manifest = json.loads((out / fmt.MANIFEST_NAME).read_bytes())
+    raw_manifest["shards"]["input_ids"][0]["xxh3_128"] = bad
+    with pytest.raises(fmt.CacheError, match="xxh3_128"):
+        fmt.parse_manifest(fmt.manifest_bytes(raw_manifest), source="test")

@@ -303,3 +303,17 @@ def test_a_q8_cache_opens_and_reads_dequantized_canonical_batches(tmp_path):
     for name in ("topk_ids", "topk_logprobs"):
         np.testing.assert_array_equal(batch[name].numpy().astype(np.float64), expected[name].astype(np.float64))
     assert fmt.damaged_metadata(tmp_path / "c", layout) == {}
+
+
+# --- the delta filter's inverse (format.shards.prefix_sum_wrapping): bit-identical to numpy's cumsum ----------
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.uint32, np.uint64])
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 63, 64, 65, 1000, 1024, 16 * 4097])
+def test_prefix_sum_wrapping_equals_cumsum(dtype, n):
+    from cache_server.format.shards import prefix_sum_wrapping
+
+    rng = np.random.default_rng(n)
+    items = rng.integers(0, np.iinfo(dtype).max, size=n, dtype=dtype, endpoint=True)  # wraps many times
+    out = np.empty_like(items)
+    got = prefix_sum_wrapping(items, out)
+    np.testing.assert_array_equal(got, np.cumsum(items, dtype=dtype))
+    assert got is out or n % 16 or n < 64

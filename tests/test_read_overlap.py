@@ -92,14 +92,14 @@ def test_write_decoded_copy_is_the_same_file_as_a_filled_map(tmp_path):
         decoded_fmt.write_decoded_copy(tmp_path / ".c.tmp", tmp_path / "c.npy", array[:, ::2])
 
 
-def test_a_damaged_stored_shard_is_refused_by_its_sha256_and_nothing_is_published(cache_and_arrays):
+def test_a_damaged_stored_shard_is_refused_by_its_digest_and_nothing_is_published(cache_and_arrays):
     cache_dir, _, decode_dir = cache_and_arrays
     path = cache_dir / fmt.shard_relpath("topk_logprobs", 1, 3)
     data = bytearray(path.read_bytes())
-    data[len(data) // 3] ^= 0xFF  # inside an inner chunk: the decode may fail or not, the sha256 does
+    data[len(data) // 3] ^= 0xFF  # inside an inner chunk: the decode may fail or not, the digest check does
     path.write_bytes(bytes(data))
     with kdlib.open_cache(cache_dir, decode_dir=decode_dir, decode_threads=3) as cache:
-        with pytest.raises(CorruptShardError, match="sha256"):
+        with pytest.raises(CorruptShardError, match="xxh3_128"):  # the manifest's fast digest
             cache.read(8, 10)
         assert not cache.store.is_decoded("topk_logprobs", 1) and not cache.store.is_decoded("topk_ids", 1)
         assert cache.read(0, 2)["topk_ids"].shape == (2, 13, 5)  # other shards still read

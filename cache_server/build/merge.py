@@ -67,7 +67,7 @@ class CacheRows:
         return data
 
     def _stored(self, name: str, index: int) -> bytes:
-        """The stored bytes of shard ``index`` of ``name``, checked against the manifest's size and sha256."""
+        """The stored bytes of shard ``index`` of ``name``, checked against the manifest's size and digest."""
         file = self.path / fmt.shard_relpath(name, index, 1 + len(self._specs[name].trailing_shape))
         raw = file.read_bytes()
         fmt.verify_shard_bytes(raw, self.manifest["shards"][name][index], name, index, str(file))

@@ -68,7 +68,7 @@ def find_damaged_shards(
                 damaged.setdefault(i, []).append(f"{name}: the file is missing")
                 continue
             try:
-                fmt.verify_shard_bytes(raw, expected, name, i, str(path))
+                fmt.verify_shard_bytes(raw, expected, name, i, str(path), every_digest=True)
             except fmt.CorruptShardError as exc:
                 damaged.setdefault(i, []).append(f"{name}: {exc.reason}")
             bar.update(len(raw))
@@ -97,7 +97,7 @@ def _find_damaged_objects(store: storage.ObjectStore, manifest: Mapping[str, Any
         relpath = path.as_posix()
         try:
             fmt.verify_shard_bytes(store.read_bytes(relpath), manifest["shards"][name][i], name, i,
-                                   store.child_url(relpath))
+                                   store.child_url(relpath), every_digest=True)
         except FileNotFoundError:
             damaged.setdefault(i, []).append(f"{name}: the object is missing")
         except fmt.CorruptShardError as exc:

@@ -103,7 +103,7 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
             problems.append(f"array {name!r} shard {index} ({path}): cannot be read ({exc.strerror or exc})")
             continue
         try:
-            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=str(path))
+            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=str(path), every_digest=True)
             if decode:
                 fmt.decode_stored_shard(raw, specs[name], layout, index)
         except fmt.CorruptShardError as exc:
@@ -129,7 +129,7 @@ def _verify_objects(store: storage.ObjectStore, manifest: dict, layout: fmt.Cach
         where = store.child_url(path.as_posix())
         try:
             raw = store.read_bytes(path.as_posix())
-            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=where)
+            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=where, every_digest=True)
             if decode:
                 fmt.decode_stored_shard(raw, specs[name], layout, index)
         except FileNotFoundError:

@@ -75,7 +75,10 @@ from cache_server.format.shards import (
     group_attributes,
     iter_shard_files,
     shard_relpath,
+    shard_bytes_problem,
+    shard_checksums,
     shard_sha256,
+    shard_xxh3_128,
     verify_shard_bytes,
     write_shard,
 )

@@ -49,6 +49,7 @@ MANIFEST_NAME = "manifest.json"
 # Array names become path components (and URL parts on the server): no separators, no dot-files.
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,127}$")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_XXH3_128_RE = re.compile(r"^[0-9a-f]{32}$")
 _POSITIVE_INT_FIELDS = ("num_sequences", "seq_len", "vocab_size", "shard_seqs", "chunk_seqs", "num_shards")
 _OPTIONAL_STR_FIELDS = ("codec", "logprob_codec", "tool_version", "created_at", "alignment", "dataset_fingerprint")
 _OPTIONAL_DICT_FIELDS = ("layout", "build_args", "stats", "teacher", "dataset", "tokenizer", "provenance")
@@ -417,9 +418,11 @@ def _check_shards(manifest: Mapping[str, Any], layout: CacheLayout, source: str)
                 and _SHA256_RE.match(entry["sha256"])
                 and _is_int(entry.get("nbytes"))
                 and entry["nbytes"] > 0
+                and (entry.get("xxh3_128") is None
+                     or (isinstance(entry["xxh3_128"], str) and _XXH3_128_RE.match(entry["xxh3_128"])))
             ):
                 raise _malformed(
                     source,
                     f"array {name!r} shard {index} must be {{\"sha256\": 64 lowercase hex digits, \"nbytes\": "
-                    f"positive int}}, got {entry!r}",
+                    f"positive int[, \"xxh3_128\": 32 lowercase hex digits]}}, got {entry!r}",
                 )

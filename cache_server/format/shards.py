@@ -40,6 +40,9 @@ from cache_server.format.manifest import FORMAT_NAME
 __all__ = [
     "shard_relpath",
     "shard_sha256",
+    "shard_xxh3_128",
+    "shard_checksums",
+    "shard_bytes_problem",
     "GROUP_ATTRIBUTES",
     "group_attributes",
     "create_arrays",
@@ -71,8 +74,43 @@ def shard_relpath(array: str, shard_index: int, ndim: int) -> str:
 
 
 def shard_sha256(data: bytes | memoryview) -> str:
-    """Lowercase hex sha256 of a stored shard file's bytes (what the manifest records)."""
+    """Lowercase hex sha256 of a stored shard file's bytes (what the manifest records: the shard's identity)."""
     return hashlib.sha256(data).hexdigest()
+
+
+def shard_xxh3_128(data: bytes | memoryview) -> str:
+    """Lowercase hex XXH3-128 of a stored shard file's bytes: the manifest's fast integrity digest.
+
+    About 10x cheaper than sha256 (2-3 ms vs 17 ms for a 12 MB shard on one core), which matters on a cold read,
+    where every stored byte is hashed before it is decoded. It guards against damage (bit rot, truncated or
+    mixed-up files), not against an adversary: the sha256 stays the shard's identity (ETags, ``kdcache verify``).
+    """
+    import xxhash
+
+    return xxhash.xxh3_128_hexdigest(data)
+
+
+def shard_checksums(raw: bytes | memoryview) -> dict[str, Any]:
+    """The manifest's entry for a stored shard file: ``{"sha256", "nbytes", "xxh3_128"}`` (docs/FORMAT.md §5)."""
+    return {"sha256": shard_sha256(raw), "nbytes": len(raw), "xxh3_128": shard_xxh3_128(raw)}
+
+
+def shard_bytes_problem(raw: bytes | memoryview, expected: Mapping[str, Any], *, every_digest: bool = False) -> str | None:
+    """What is wrong with a stored shard's bytes against its manifest entry, or None when they match.
+
+    The one rule for checking stored bytes: the size, then the entry's ``xxh3_128`` when it has one (caches
+    written before it was recorded have only ``sha256``), else its ``sha256``. ``every_digest`` checks every
+    digest the entry records (``kdcache verify``, repairs): a full audit rather than a read.
+    """
+    if len(raw) != int(expected["nbytes"]):
+        return f"size {len(raw)} bytes, manifest says {expected['nbytes']}"
+    fast = [("xxh3_128", shard_xxh3_128)] if expected.get("xxh3_128") is not None else []
+    checks = [("sha256", shard_sha256), *fast] if every_digest or not fast else fast
+    for key, digest_of in checks:
+        digest = digest_of(raw)
+        if digest != expected[key]:
+            return f"{key} {digest[:16]}… != manifest {expected[key][:16]}…"
+    return None
 
 
 def group_attributes(layout: CacheLayout) -> dict[str, Any]:
@@ -163,7 +201,7 @@ def damaged_metadata(cache_dir: str | os.PathLike, layout: CacheLayout) -> dict[
 def write_shard(
     cache_dir: str | os.PathLike, layout: CacheLayout, shard_index: int, arrays: Mapping[str, np.ndarray]
 ) -> dict[str, dict[str, Any]]:
-    """Write one whole shard of every array and return ``{array: {"sha256", "nbytes"}}`` of the files.
+    """Write one whole shard of every array and return ``{array: shard_checksums(file bytes)}``.
 
     The caller must be the only writer of this shard index (whole-shard writes are safe; partial writes
     from two processes lose data, zarr-python #3682). Returns checksums of the bytes actually on disk.
@@ -193,7 +231,7 @@ def write_shard(
             # shard file must exist for the manifest's checksums.
             group[spec.name].with_config({"write_empty_chunks": True})[start:stop] = stored_arrays[spec.name]
         raw = path.read_bytes()
-        checksums[spec.name] = {"sha256": shard_sha256(raw), "nbytes": len(raw)}
+        checksums[spec.name] = shard_checksums(raw)
     return checksums
 
 
@@ -209,26 +247,22 @@ def _check_shard_array(spec: ArraySpec, arrays: Mapping[str, np.ndarray], shard_
 
 
 def verify_shard_bytes(
-    raw: bytes | memoryview, expected: Mapping[str, Any], array: str, shard_index: int, where: str = ""
+    raw: bytes | memoryview, expected: Mapping[str, Any], array: str, shard_index: int, where: str = "", *,
+    every_digest: bool = False,
 ) -> None:
-    """Raise CorruptShardError unless ``raw`` has the manifest's size and sha256.
+    """Raise CorruptShardError unless ``raw`` matches the manifest's entry (:func:`shard_bytes_problem`).
 
     Args:
         raw: the stored shard file's bytes.
-        expected: the manifest's entry for the shard, ``{"sha256": hex, "nbytes": int}``.
+        expected: the manifest's entry for the shard, ``{"sha256": hex, "nbytes": int[, "xxh3_128": hex]}``.
         array: array name, for the error.
         shard_index: shard index, for the error.
         where: the file (or URL) the bytes came from, for the error.
+        every_digest: check every digest the entry records, not just the fastest.
     """
-    if len(raw) != int(expected["nbytes"]):
-        raise CorruptShardError(
-            array, shard_index, f"size {len(raw)} bytes, manifest says {expected['nbytes']}", where
-        )
-    digest = shard_sha256(raw)
-    if digest != expected["sha256"]:
-        raise CorruptShardError(
-            array, shard_index, f"sha256 {digest[:16]}… != manifest {expected['sha256'][:16]}…", where
-        )
+    problem = shard_bytes_problem(raw, expected, every_digest=every_digest)
+    if problem is not None:
+        raise CorruptShardError(array, shard_index, problem, where)
 
 
 def _chunk_decoder(codec: str) -> Callable[[memoryview, np.ndarray], Any]:
@@ -464,13 +498,36 @@ class _StoredShard:
         if direct:
             return out
         items = target.view(spec.dtype.newbyteorder("<"))
-        if self.undelta and hi - lo == chunk_rows:  # numcodecs.delta over the flattened chunk, wrapping in the dtype
-            np.cumsum(items, dtype=spec.dtype, out=out.reshape(-1))
+        if self.undelta and hi - lo == chunk_rows and out.flags.c_contiguous:
+            prefix_sum_wrapping(items, out.reshape(-1))  # numcodecs.delta over the flattened chunk
             return out
         if self.undelta:
-            items = np.cumsum(items, dtype=spec.dtype)
+            items = prefix_sum_wrapping(items, np.empty(items.shape, spec.dtype))
         out[...] = items.reshape(chunk_rows, self.row_items)[: hi - lo]
         return out
+
+
+_PREFIX_BLOCK = 16  # items per block of prefix_sum_wrapping: measured fastest for uint16 chunks of 0.5-1 MB
+
+
+def prefix_sum_wrapping(items: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``np.cumsum(items, dtype=out.dtype, out=out)`` for 1-D unsigned integers (the inverse of numcodecs.delta,
+    wrapping in the dtype), about 2x faster.
+
+    numpy's cumsum is a scalar loop. Here the items are seen as blocks [m, 16]: the prefix within every block
+    is 15 vectorized column adds, then each block adds the wrapped sum of all blocks before it (a cumsum over
+    m = n/16 block totals). Modular addition is associative, so the result is bit-identical.
+    """
+    n, w = items.size, _PREFIX_BLOCK
+    if n % w or n < 4 * w:
+        return np.cumsum(items, dtype=out.dtype, out=out)
+    blocks = out.reshape(-1, w)  # [m, w]
+    blocks[...] = items.reshape(-1, w)
+    for j in range(1, w):
+        np.add(blocks[:, j], blocks[:, j - 1], out=blocks[:, j])
+    before = np.cumsum(blocks[:-1, -1], dtype=out.dtype)  # [m-1]: the sum of every block before block i+1
+    np.add(blocks[1:], before[:, None], out=blocks[1:])
+    return out
 
 
 def iter_shard_files(cache_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Iterable[tuple[str, int, Path]]:

@@ -354,12 +354,11 @@ class HttpShardSource:
                     f"manifest this reader opened says {expected['sha256'][:16]}…: the cache was rebuilt on the "
                     "server; open it again"
                 )
-            digest = fmt.shard_sha256(raw)
-            if len(raw) == int(expected["nbytes"]) and digest == expected["sha256"]:
+            problem = fmt.shard_bytes_problem(raw, expected)
+            if problem is None:
                 return raw
             self.stats["corrupt_transfers"] += 1
-            detail = f"{len(raw)} bytes with sha256 {digest[:16]}…, manifest says {expected['nbytes']} bytes, " \
-                     f"sha256 {expected['sha256'][:16]}…"
+            detail = f"{len(raw)} bytes received: {problem}"
             log.warning("kdcache remote: shard %d of %r failed its checksum (%s); fetching again",
                         shard_index, array, detail)
         raise CorruptShardError(

@@ -8,9 +8,10 @@ Decoding a compressed shard costs far more than slicing an uncompressed file, an
 shard many times (epochs, several DataLoader workers, several ranks), so a reader decodes each shard once
 into a file under the decode directory and memory-maps that file from then on. The store is shared by
 local and remote caches: the source decides where the stored bytes come from, the store checks them
-against the manifest's sha256 (in a hashing thread, beside the decode; nothing is published before the
-check passed), decodes them an inner chunk at a time (on ``decode_threads`` threads: Blosc, zstd, numpy's
-sort and sha256 release the GIL, so this pays even on two cores) into memory, writes the copy from that
+against the manifest's digest (``format.shard_bytes_problem``: XXH3-128 where the manifest records it, else
+sha256; in a hashing thread, beside the decode; nothing is published before the check passed), decodes them
+an inner chunk at a time (on ``decode_threads`` threads: Blosc, zstd, numpy's
+sort and the digests release the GIL, so this pays even on two cores) into memory, writes the copy from that
 memory with its crc32c and publishes it atomically (``cache_server.format.decoded``), checks that crc32c once per process per file version (the first time the
 process maps a copy with that device, inode and mtime, whatever cache object maps it), keeps the
 directory within a byte limit (least recently used copies evicted; file mtime is the recency, so
@@ -60,7 +61,7 @@ class DecodedShardStore:
         prefetch_workers: threads decoding ahead (``prefetch`` returns at once).
         max_open: memory maps kept open in this process (LRU); files stay on disk regardless.
         decode_threads: threads that decode the inner chunks of one shard together (None: one per CPU core,
-            at most 8; 1: in the decoding thread alone). Blosc, zstd, numpy's sort and sha256 release the GIL.
+            at most 8; 1: in the decoding thread alone). Blosc, zstd, numpy's sort and the digests release the GIL.
     """
 
     _TOUCH_EVERY_S = 5.0
@@ -103,7 +104,7 @@ class DecodedShardStore:
         self._maps: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None
-        self._hasher: ThreadPoolExecutor | None = None  # sha256 checks beside the decodes
+        self._hasher: ThreadPoolExecutor | None = None  # digest checks beside the decodes
         self._chunk_pool: ThreadPoolExecutor | None = None  # the inner chunks of a shard, decoded together
         self._inflight: dict[tuple[str, int], Future] = {}
         self._inflight_lock = threading.Lock()
@@ -190,7 +191,7 @@ class DecodedShardStore:
         """Decode a shard into its copy at ``path``; a format v2 slot group is decoded whole (one sort per
         position), and the copies of its other members that are not on disk yet are published too.
 
-        The stored bytes' sha256 is checked in the hashing thread while this thread decodes them, and nothing
+        The stored bytes' digest is checked in the hashing thread while this thread decodes them, and nothing
         is published before it passed. The shard is decoded into memory and written out with its crc32c taken
         from that memory (``decoded.write_decoded_copy``): no writable map to fault in, no msync, no re-read.
         """
@@ -198,7 +199,7 @@ class DecodedShardStore:
                              if not self.is_decoded(name, shard_index)]
         inputs = dict.fromkeys([*targets, *fmt.decode_inputs(self.layout, array)])
         raws = {name: self._read_stored(name, shard_index) for name in inputs}
-        hasher = self._pool("_hasher", max(1, self.prefetch_workers), "kdcache-sha256")
+        hasher = self._pool("_hasher", max(1, self.prefetch_workers), "kdcache-digest")
         checks = [hasher.submit(self._verify_stored, raw, name, shard_index) for name, raw in raws.items()]
         start, stop = self.layout.shard_range(shard_index)
         self._remove_stale_tmp_files()
@@ -212,7 +213,7 @@ class DecodedShardStore:
                 fmt.decode_shard_group(raws, self.layout, shard_index, outs=outs, executor=pool)
         except CacheError:
             for check in checks:
-                check.result()  # bytes that fail their sha256 are reported as such, not as a decode failure
+                check.result()  # bytes that fail their digest are reported as such, not as a decode failure
             raise
         finally:
             futures_wait(checks)  # every check is over before anything is published (or the error raised)
@@ -235,8 +236,8 @@ class DecodedShardStore:
         return self.source.read_shard(array, shard_index, 1 + len(self.specs[array].trailing_shape))
 
     def _verify_stored(self, raw: bytes, array: str, shard_index: int) -> None:
-        """Raise CorruptShardError unless the bytes match the manifest's size and sha256 (hashlib releases
-        the GIL, so this runs beside the decode)."""
+        """Raise CorruptShardError unless the bytes match the manifest's size and digest (hashlib and xxhash
+        release the GIL on large buffers, so this runs beside the decode)."""
         fmt.verify_shard_bytes(raw, self.manifest["shards"][array][shard_index], array, shard_index)
 
     def _pool(self, attribute: str, threads: int, name: str) -> ThreadPoolExecutor:
