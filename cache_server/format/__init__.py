@@ -8,14 +8,15 @@ Modules:
     errors      CacheError, CorruptShardError (with structured fields) and the repair hint.
     layout      the arrays of a cache, their dtypes and shapes, sharding and chunking (CacheLayout).
     manifest    canonical manifest bytes, parsing, validate_manifest, read_manifest_bytes, load_manifest.
-    shards      shard file paths, sha256, Zarr v3 writing and metadata checks, the shard decoder.
+    digests     the digests a manifest records per stored shard file (sha256, xxh3_128) and the one check rule.
+    shards      shard file paths, Zarr v3 writing and metadata checks, the shard decoder.
     slots       format v2's per-position slot transform: canonical order, id-sorted storage, q8 log-probs.
     build_lock  one build per directory: the flock-based lock a running build holds, and how readers see it.
     decoded     decoded copies on local disk: their paths and their crc32c integrity record.
     wire        the HTTP paths, headers and media types of ``kdcache serve`` (server and client share them).
     storage     where a cache's bytes live when not in a directory: an object store behind an fsspec URL.
 
-Everything in ``__all__`` (the names of errors, layout, manifest and shards) is importable from here:
+Everything in ``__all__`` (the names of errors, layout, manifest, digests and shards) is importable from here:
 ``from cache_server import format as fmt; fmt.CacheLayout``. ``build_lock``, ``decoded``, ``storage`` and ``wire`` are
 imported as modules (``from cache_server.format import wire``).
 
@@ -28,6 +29,7 @@ Shape notation::
 
 from __future__ import annotations
 
+from cache_server.format import digests as _digests
 from cache_server.format import errors as _errors
 from cache_server.format import layout as _layout
 from cache_server.format import manifest as _manifest
@@ -75,12 +77,14 @@ from cache_server.format.shards import (
     group_attributes,
     iter_shard_files,
     shard_relpath,
+    write_shard,
+)
+from cache_server.format.digests import (
     shard_bytes_problem,
     shard_checksums,
     shard_sha256,
     shard_xxh3_128,
     verify_shard_bytes,
-    write_shard,
 )
 
 # Everything each module exports, in one flat namespace; each module lists its own names once (this
@@ -89,4 +93,5 @@ __all__: list[str] = []
 __all__ += _errors.__all__
 __all__ += _layout.__all__
 __all__ += _manifest.__all__
+__all__ += _digests.__all__
 __all__ += _shards.__all__
