@@ -96,6 +96,18 @@ class PeakMemory:
             self.peak_mb = _status_mb("VmHWM") - self.base
 
 
+# Below this, a CPU peak (VmHWM minus the RSS before the block) is allocator noise: pages the heap reuses or
+# returns make it 0 or even negative at tiny shapes, and a ratio over it means nothing.
+_PEAK_RESOLUTION_MB = 1.0
+
+
+def mem_ratio(num_mb: float, den_mb: float) -> float | None:
+    """``num_mb / den_mb``, or None (JSON null) when the denominator is below the measurement's resolution."""
+    if not den_mb >= _PEAK_RESOLUTION_MB:  # also NaN
+        return None
+    return max(num_mb, 0.0) / den_mb  # a negative peak is the same noise: nothing measurable was added
+
+
 def make_inputs(n, vocab, k, dtype, device, seed=0):
     g = torch.Generator(device="cpu").manual_seed(seed)
     logits = (torch.randn(n, vocab, generator=g) * 2).to(device=device, dtype=dtype)
@@ -382,7 +394,7 @@ def main_crosstok(args, repeats, command, stamp):
     final = dict(crosstok_time_ratio_vs_ce=res["crosstok_fused"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
                  crosstok_fwd_time_ratio_vs_ce=res["crosstok_fused"]["fwd_ms"] / res["ce"]["fwd_ms"],
                  crosstok_bwd_time_ratio_vs_ce=res["crosstok_fused"]["bwd_ms"] / res["ce"]["bwd_ms"],
-                 crosstok_peak_mem_ratio_vs_ce=res["crosstok_fused"]["peak_mb"] / res["ce"]["peak_mb"],
+                 crosstok_peak_mem_ratio_vs_ce=mem_ratio(res["crosstok_fused"]["peak_mb"], res["ce"]["peak_mb"]),
                  align_mix_exact_uld_none=list(CROSSTOK_MIX), shape=[n, args.vocab], dtype="float32",
                  device=dev_name, command=command)
     (args.out / "bench_loss_crosstok.json").write_text(json.dumps(final, indent=2) + "\n")
@@ -444,14 +456,14 @@ def main(argv=None):
             time_ratio_vs_ce=res["kd_fused"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
             fwd_time_ratio_vs_ce=res["kd_fused"]["fwd_ms"] / res["ce"]["fwd_ms"],
             bwd_time_ratio_vs_ce=res["kd_fused"]["bwd_ms"] / res["ce"]["bwd_ms"],
-            peak_mem_ratio_vs_ce=res["kd_fused"]["peak_mb"] / res["ce"]["peak_mb"],
+            peak_mem_ratio_vs_ce=mem_ratio(res["kd_fused"]["peak_mb"], res["ce"]["peak_mb"]),
             sampled_time_ratio_vs_ce=res["kd_sampled"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
-            sampled_peak_mem_ratio_vs_ce=res["kd_sampled"]["peak_mb"] / res["ce"]["peak_mb"],
+            sampled_peak_mem_ratio_vs_ce=mem_ratio(res["kd_sampled"]["peak_mb"], res["ce"]["peak_mb"]),
             hybrid_time_ratio_vs_ce=res["kd_hybrid"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
-            hybrid_peak_mem_ratio_vs_ce=res["kd_hybrid"]["peak_mb"] / res["ce"]["peak_mb"],
+            hybrid_peak_mem_ratio_vs_ce=mem_ratio(res["kd_hybrid"]["peak_mb"], res["ce"]["peak_mb"]),
             time_ratio_reference_vs_ce=res["reference"]["fwd_bwd_ms"] / res["ce"]["fwd_bwd_ms"],
-            peak_mem_ratio_reference_vs_ce=res["reference"]["peak_mb"] / res["ce"]["peak_mb"],
-            fused_linear_peak_mem_ratio_vs_materialized=lin["from_hidden"]["peak_mb"] / lin["materialized"]["peak_mb"],
+            peak_mem_ratio_reference_vs_ce=mem_ratio(res["reference"]["peak_mb"], res["ce"]["peak_mb"]),
+            fused_linear_peak_mem_ratio_vs_materialized=mem_ratio(lin["from_hidden"]["peak_mb"], lin["materialized"]["peak_mb"]),
             fused_linear_time_ratio_vs_materialized=lin["from_hidden"]["fwd_bwd_ms"] / lin["materialized"]["fwd_bwd_ms"],
             fused_linear_eval_time_ratio_vs_train=lin["from_hidden"]["eval_ms"] / lin["from_hidden"]["fwd_bwd_ms"],
             fused_linear_eval_time_ratio_vs_materialized=lin["from_hidden"]["eval_ms"] / lin["materialized"]["eval_ms"],
