@@ -268,6 +268,10 @@ class CacheReader:
         shard_of = idx // S
         shards = np.unique(shard_of)
         self.prefetch_shards(shards[1:].tolist(), names)  # decoded in parallel with the first one
+        # Batches of a shuffle window span several shards: per shard, where its rows go and which rows they are
+        # (computed once for every array).
+        parts = [(int(s), np.flatnonzero(shard_of == s)) for s in shards] if shards.size > 1 else []
+        parts = [(s, pos, idx[pos] - s * S) for s, pos in parts]
         out: dict[str, torch.Tensor] = {}
         for name in names:
             spec = self.store.specs[name]
@@ -275,9 +279,8 @@ class CacheReader:
             if shards.size == 1:  # gather straight into the batch, no temporary
                 np.take(self.store.get(name, int(shards[0])), idx - shards[0] * S, axis=0, out=data)
             else:
-                for s in shards:
-                    mask = shard_of == s
-                    data[mask] = self.store.get(name, int(s))[idx[mask] - s * S]
+                for s, pos, rows in parts:
+                    data[pos] = np.take(self.store.get(name, s), rows, axis=0)
             out[name] = self._to_tensor(data, self.widen if widen is None else widen, owned=True)
         return out
 

@@ -174,7 +174,7 @@ class DecodedShardStore:
             if problem is None and (mm.shape != expected_shape or mm.dtype != spec.dtype):
                 problem = f"holds {mm.dtype}{list(mm.shape)}, expected {spec.dtype}{list(expected_shape)}"
             if problem is None:
-                return mm
+                return mm.view(np.ndarray)  # the map stays alive as its base; plain indexing skips memmap's hooks
             self._discard_damaged(path, array, shard_index, problem)
         raise CacheError(f"decoded shard {path} keeps disappearing or failing its check: is the decoded-shard "
                          "size limit too small, or is the disk under the decode directory failing?")
@@ -272,6 +272,8 @@ class DecodedShardStore:
     def prefetch(self, array: str, shard_index: int) -> None:
         """Fetch and decode a shard in the background; returns at once (duplicates are dropped)."""
         self._check_process()
+        if (array, shard_index) in self._maps:  # mapped here already: no path to build, no stat (a per-batch call)
+            return
         if not 0 <= shard_index < self.layout.num_shards or self.is_decoded(array, shard_index):
             return
         key = self._decode_key(array, shard_index)
