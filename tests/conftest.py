@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
+
+SMALL_FS_BYTES = 256 << 10  # the small_fs tmpfs: a few small shards fit, not a whole test cache
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +19,22 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def small_fs(tmp_path):
+    """A tmpfs of SMALL_FS_BYTES mounted at tmp_path/small; yields (mount point, remount(size_bytes))."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES}", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
+
+    def remount(size_bytes: int) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount_point)], check=True)
+
+    try:
+        yield mount_point, remount
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

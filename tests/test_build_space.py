@@ -9,7 +9,6 @@ equal to one built on a roomy disk. Mounting needs root (CAP_SYS_ADMIN); without
 from __future__ import annotations
 
 import re
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -22,26 +21,6 @@ from cache_server.cli import main
 from tests.teachers import make_llama_teacher
 
 T = 64
-SMALL_FS_BYTES = 256 << 10  # room for the metadata and a few shards, not for the ten of this cache
-
-
-@pytest.fixture()
-def small_fs(tmp_path):
-    """A tmpfs of SMALL_FS_BYTES mounted at tmp_path/small; yields (mount point, remount(size_bytes))."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES}", "tmpfs", str(mount_point)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root / CAP_SYS_ADMIN): {proc.stderr.strip()}")
-
-    def remount(size_bytes: int) -> None:
-        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mount_point)], check=True)
-
-    try:
-        yield mount_point, remount
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
 @pytest.fixture(scope="module")

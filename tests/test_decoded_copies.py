@@ -70,7 +70,8 @@ def test_copies_carry_a_crc32c_and_stay_plain_npy_files(cache_and_arrays):
 @pytest.mark.parametrize("where", ["data", "header", "trailer"])
 def test_a_damaged_copy_is_named_by_verify_and_decoded_again_by_a_fresh_reader(cache_and_arrays, where):
     out, arrays, decode_dir = cache_and_arrays
-    kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(8, 16)
+    with kdlib.open_cache(out, decode_dir=decode_dir, readahead=0) as cache:
+        cache.read(8, 16)  # its copies are written behind the read, and on disk once the cache is closed
     path = kdlib.open_cache(out, decode_dir=decode_dir).store.path("topk_logprobs", 1)
     offset = {"data": _data_offset(path) + 7, "header": 20, "trailer": os.path.getsize(path) - 2}[where]
     _flip_byte(path, offset)
@@ -91,6 +92,7 @@ def test_a_copy_without_a_record_is_decoded_again(cache_and_arrays):
     out, arrays, decode_dir = cache_and_arrays
     cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
     cache.read(0, 3, arrays=["lse"])
+    cache.store.wait_writes()  # the copy is written behind the read
     path = cache.store.path("lse", 0)
     before = path.stat()
     with open(path, "r+b") as file:  # as an older kdlib (or a write cut short) left it: no trailer
@@ -100,6 +102,7 @@ def test_a_copy_without_a_record_is_decoded_again(cache_and_arrays):
     assert len(problems) == 1 and "no crc32c record" in problems[0]
     fresh = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
     np.testing.assert_array_equal(fresh.read(0, 8, arrays=["lse"])["lse"].numpy(), arrays["lse"][0:8])
+    fresh.store.wait_writes()
     assert fresh.store.redecoded == 1 and decoded_fmt.decoded_copy_problem(path) is None
 
 
@@ -107,6 +110,7 @@ def test_a_process_checks_a_copy_once_then_serves_from_its_map(cache_and_arrays)
     out, arrays, decode_dir = cache_and_arrays
     cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
     cache.read(0, 8, arrays=["lse"])
+    cache.store.wait_writes()  # the copy is written behind the read
     path = cache.store.path("lse", 0)
     mtime_ns = path.stat().st_mtime_ns
     for _ in range(3):  # no re-check, no re-decode on the hot path
@@ -116,7 +120,8 @@ def test_a_process_checks_a_copy_once_then_serves_from_its_map(cache_and_arrays)
 
 def test_damaged_copy_and_damaged_stored_shard_is_a_corrupt_shard_error(cache_and_arrays):
     out, _, decode_dir = cache_and_arrays
-    kdlib.open_cache(out, decode_dir=decode_dir, readahead=0).read(16, 21, arrays=["topk_ids"])
+    with kdlib.open_cache(out, decode_dir=decode_dir, readahead=0) as cache:
+        cache.read(16, 21, arrays=["topk_ids"])
     copy = kdlib.open_cache(out, decode_dir=decode_dir).store.path("topk_ids", 2)
     _flip_byte(copy, _data_offset(copy) + 3)
     _flip_byte(out / fmt.shard_relpath("topk_ids", 2, 3), 10)

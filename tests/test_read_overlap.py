@@ -120,3 +120,42 @@ def test_decode_threads_must_be_positive(cache_and_arrays):
     cache_dir, _, decode_dir = cache_and_arrays
     with pytest.raises(ValueError, match="decode_threads"):
         kdlib.open_cache(cache_dir, decode_dir=decode_dir, decode_threads=0)
+
+
+# --- copies written behind the reads ---------------------------------------------------------------------------
+def test_a_read_is_served_while_its_copy_is_written_behind_and_the_copy_is_complete(cache_and_arrays):
+    cache_dir, arrays, decode_dir = cache_and_arrays
+    with kdlib.open_cache(cache_dir, decode_dir=decode_dir, readahead=0) as cache:
+        batch = cache.read(8, 16)  # shard 1, from memory at once
+        for name in ("topk_ids", "topk_logprobs", "lse"):
+            np.testing.assert_array_equal(batch[name].numpy(), arrays[name][8:16])
+            assert cache.store.is_decoded(name, 1)  # decoded, whether or not its copy is on disk yet
+        cache.store.wait_writes()
+        for name in cache.position_arrays():
+            path = cache.store.path(name, 1)
+            assert decoded_fmt.decoded_copy_problem(path) is None  # sealed: data, crc32c trailer
+        mtimes = {name: cache.store.path(name, 1).stat().st_mtime_ns for name in cache.position_arrays()}
+        again = cache.read(8, 16)  # now from the map that replaced the memory
+        for name in batch:
+            np.testing.assert_array_equal(again[name].numpy(), batch[name].numpy(), err_msg=name)
+    with kdlib.open_cache(cache_dir, decode_dir=decode_dir, readahead=0) as fresh:  # another reader maps them
+        fresh_batch = fresh.read(8, 16)
+        assert fresh.store.redecoded == 0
+        assert {name: fresh.store.path(name, 1).stat().st_mtime_ns for name in fresh.position_arrays()} == mtimes
+        np.testing.assert_array_equal(fresh_batch["topk_ids"].numpy(), arrays["topk_ids"][8:16])
+
+
+def test_a_copy_that_cannot_be_written_is_reported_by_the_next_decode(tmp_path, small_fs):
+    """A full disk under the decode directory: the read that decoded the shard still gets its values (from
+    memory); the copy's write fails behind it, and the next decode raises that error with what to do."""
+    mount_point, _ = small_fs
+    # Decoded shards of ~300 KB (topk ids + log-probs of 8 x 512 x 16): none fits the 256 KB tmpfs whole.
+    cache_dir, arrays = make_synthetic_cache(tmp_path / "c", num_sequences=16, seq_len=512, topk=16,
+                                             vocab_size=300, shard_seqs=8, chunk_seqs=4)
+    with kdlib.open_cache(cache_dir, decode_dir=mount_point, readahead=0) as cache:
+        batch = cache.read(0, 8)
+        np.testing.assert_array_equal(batch["topk_logprobs"].numpy(), arrays["topk_logprobs"][0:8])
+        cache.store.wait_writes()
+        with pytest.raises(OSError, match="free space or set"):
+            cache.read(8, 16)
+        np.testing.assert_array_equal(cache.read(8, 16)["lse"].numpy(), arrays["lse"][8:16])  # raised once

@@ -75,6 +75,7 @@ def test_each_shard_is_decoded_once_and_batches_own_their_memory(cache_and_array
     out, _, decode_dir = cache_and_arrays
     cache = kdlib.open_cache(out, decode_dir=decode_dir, readahead=0)
     cache.read(0, 4)
+    cache.store.wait_writes()  # the copies are written behind the read
     decoded = sorted(p.relative_to(cache.decode_dir) for p in cache.decode_dir.rglob("*.npy"))
     assert [str(p) for p in decoded] == [f"{a}/0.npy" for a in sorted(cache.position_arrays())]
     mtimes = {p: p.stat().st_mtime_ns for p in cache.decode_dir.rglob("*.npy")}
@@ -255,6 +256,9 @@ def test_pickled_cache_reopens_with_the_same_options_in_a_spawned_process(cache_
     cache = kdlib.open_cache(out, decode_dir=decode_dir, widen=True, readahead=3, max_decoded_bytes=1 << 20,
                              prefetch_workers=3)
     cache.read(0, 4)  # live maps and threads in this process: they must not travel
+    # This process's read-ahead decodes and copy writes are over before the child reads the same directory
+    # under the same 1 MB limit (a child racing this process's evictions is not what this test is about).
+    cache.store.wait_prefetch()
     result = run_in_spawned_process(cache)
     assert result.pop("batch").keys() == cache.read(3, 12).keys()
     assert result == {"decode_dir": str(cache.decode_dir), "max_decoded_bytes": 1 << 20, "prefetch_workers": 3,

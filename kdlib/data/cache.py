@@ -341,7 +341,8 @@ class CacheReader:
             self.prefetch_shards(range(last_shard + 1, min(last_shard + 1 + self.readahead, self.num_shards)), names)
 
     def prepare(self, progress: bool = False) -> None:
-        """Decode every shard now (e.g. before timing, or before forking workers)."""
+        """Decode every shard now and wait until their copies are on disk (e.g. before timing, or before forking
+        workers)."""
         items = [(name, s) for s in range(self.num_shards) for name in self.store.specs]
         iterator = items
         if progress:
@@ -350,6 +351,7 @@ class CacheReader:
             iterator = tqdm(items, desc="decoding shards", unit="shard")
         for name, s in iterator:
             self.store.get(name, s)
+        self.store.wait_writes()  # every copy on disk: workers forked next map them instead of decoding again
 
     def close(self) -> None:
         """Stop background decoding and release the source's connections (both restart on demand)."""

@@ -11,8 +11,10 @@ local and remote caches: the source decides where the stored bytes come from, th
 against the manifest's digest (``format.shard_bytes_problem``: XXH3-128 where the manifest records it, else
 sha256; in a hashing thread, beside the decode; nothing is published before the check passed), decodes them
 an inner chunk at a time (on ``decode_threads`` threads: Blosc, zstd, numpy's
-sort and the digests release the GIL, so this pays even on two cores) into memory, writes the copy from that
-memory with its crc32c and publishes it atomically (``cache_server.format.decoded``), checks that crc32c once per process per file version (the first time the
+sort and the digests release the GIL, so this pays even on two cores) into memory, serves reads from that
+memory at once while a writer thread writes the copy with its crc32c, publishes it atomically
+(``cache_server.format.decoded``) and maps it in place of the memory (``wait_writes`` waits for that; ``close``
+and ``CacheReader.prepare`` do), checks that crc32c once per process per file version (the first time the
 process maps a copy with that device, inode and mtime, whatever cache object maps it), keeps the
 directory within a byte limit (least recently used copies evicted; file mtime is the recency, so
 processes sharing the directory share one LRU) and decodes ahead in background threads on request.
@@ -96,8 +98,9 @@ class DecodedShardStore:
 
     # ------------------------------------------------------------------ process safety
 
-    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_hasher", "_chunk_pool", "_inflight", "_inflight_lock",
-                      "_evict_lock", "_touched_s", "_known_good", "_stale_tmp_checked", "_pid")
+    _PROCESS_STATE = ("_maps", "_lock", "_executor", "_hasher", "_chunk_pool", "_writer", "_inflight",
+                      "_inflight_lock", "_unwritten", "_writes", "_write_error", "_evict_lock", "_touched_s",
+                      "_known_good", "_stale_tmp_checked", "_pid")
 
     def _reset_process_state(self) -> None:
         """Maps, locks and threads belong to one process: a forked or unpickled copy starts afresh."""
@@ -106,6 +109,11 @@ class DecodedShardStore:
         self._executor: ThreadPoolExecutor | None = None
         self._hasher: ThreadPoolExecutor | None = None  # digest checks beside the decodes
         self._chunk_pool: ThreadPoolExecutor | None = None  # the inner chunks of a shard, decoded together
+        self._writer: ThreadPoolExecutor | None = None  # decoded copies written behind the reads
+        # Decoded and checked, its copy not on disk yet: reads are served from this memory meanwhile.
+        self._unwritten: dict[tuple[str, int], np.ndarray] = {}
+        self._writes: set[Future] = set()
+        self._write_error: OSError | None = None  # a copy that could not be written: raised by the next decode
         self._inflight: dict[tuple[str, int], Future] = {}
         self._inflight_lock = threading.Lock()
         self._evict_lock = threading.Lock()
@@ -134,8 +142,8 @@ class DecodedShardStore:
         return decoded_fmt.decoded_shard_path(self.decode_dir, array, shard_index)
 
     def is_decoded(self, array: str, shard_index: int) -> bool:
-        """Whether a decoded copy of the shard is on disk (checked or not)."""
-        return self.path(array, shard_index).exists()
+        """Whether the shard is decoded: its copy on disk (checked or not), or being written from this process."""
+        return (array, shard_index) in self._unwritten or self.path(array, shard_index).exists()
 
     def get(self, array: str, shard_index: int) -> np.ndarray:
         """The decoded shard [n, *trailing] as a read-only memory map (decoded first if needed)."""
@@ -152,9 +160,9 @@ class DecodedShardStore:
             future.result()
         mm = self._map(array, shard_index)
         with self._lock:
-            self._maps[key] = mm
-            while len(self._maps) > self.max_open:
-                self._maps.popitem(last=False)
+            if key in self._maps and key not in self._unwritten:
+                mm = self._maps[key]  # its copy was written and mapped while this read was served from memory
+            self._remember(key, mm)
         self._touch(key)
         return mm
 
@@ -165,8 +173,11 @@ class DecodedShardStore:
         start, stop = self.layout.shard_range(shard_index)
         expected_shape = tuple(spec.shape(stop - start))
         for _ in range(_MAP_ATTEMPTS):
+            unwritten = self._unwritten.get((array, shard_index))
+            if unwritten is not None:
+                return unwritten
             if not path.exists():
-                self._decode_to(path, array, shard_index)
+                return self._decode_to(array, shard_index, write_behind=True)  # a read waits for this one
             try:
                 mm, problem = decoded_fmt.map_decoded_copy(path, known_good=self._known_good)
             except FileNotFoundError:
@@ -179,6 +190,14 @@ class DecodedShardStore:
         raise CacheError(f"decoded shard {path} keeps disappearing or failing its check: is the decoded-shard "
                          "size limit too small, or is the disk under the decode directory failing?")
 
+    def _remember(self, key: tuple[str, int], data: np.ndarray) -> None:
+        """Keep a shard's array for the next reads, within ``max_open`` (least recently used dropped); under
+        ``self._lock``."""
+        self._maps[key] = data
+        self._maps.move_to_end(key)
+        while len(self._maps) > self.max_open:
+            self._maps.popitem(last=False)
+
     def _discard_damaged(self, path: Path, array: str, shard_index: int, problem: str) -> None:
         log.warning("kdcache: decoded copy of %r shard %d at %s %s; decoding it again from the stored shard",
                     array, shard_index, path, problem)
@@ -187,14 +206,21 @@ class DecodedShardStore:
         with self._lock:
             self._maps.pop((array, shard_index), None)
 
-    def _decode_to(self, path: Path, array: str, shard_index: int) -> None:
-        """Decode a shard into its copy at ``path``; a format v2 slot group is decoded whole (one sort per
-        position), and the copies of its other members that are not on disk yet are published too.
+    def _decode_to(self, array: str, shard_index: int, *, write_behind: bool) -> np.ndarray:
+        """Decode a shard and return it (read-only, in memory); a format v2 slot group is decoded whole (one
+        sort per position), and its other members not decoded yet too.
 
         The stored bytes' digest is checked in the hashing thread while this thread decodes them, and nothing
-        is published before it passed. The shard is decoded into memory and written out with its crc32c taken
-        from that memory (``decoded.write_decoded_copy``): no writable map to fault in, no msync, no re-read.
+        is served or published before it passed. The shard is decoded into memory and its copy written with
+        its crc32c taken from that memory (``decoded.write_decoded_copy``: no writable map to fault in, no
+        msync, no re-read); the map of the copy then replaces the memory. ``write_behind`` (a read is waiting
+        for this shard): the writer thread writes the copy while the read is served from memory, so the first
+        batch does not wait for the write. Otherwise (a decode ahead of the reads, in the background) this
+        thread writes it: nothing waits for it, and copies do not queue up behind the reads.
         """
+        if self._write_error is not None:  # a copy written behind an earlier read failed: say so now
+            error, self._write_error = self._write_error, None
+            raise error
         targets = [array] + [name for name in slots.group_arrays(self.layout, array)[1:]
                              if not self.is_decoded(name, shard_index)]
         inputs = dict.fromkeys([*targets, *fmt.decode_inputs(self.layout, array)])
@@ -219,17 +245,54 @@ class DecodedShardStore:
             futures_wait(checks)  # every check is over before anything is published (or the error raised)
         for check in checks:
             check.result()
-        for name in targets:
-            final = self.path(name, shard_index)
+        for name, data in outs.items():
+            data.flags.writeable = False  # a batch copies out of it, like out of a read-only map
+            with self._lock:
+                self._unwritten[(name, shard_index)] = data
+            if not write_behind:
+                self._write_copy(name, shard_index, data)
+                continue
+            future = self._pool("_writer", 1, "kdcache-write").submit(self._write_copy, name, shard_index, data)
+            with self._inflight_lock:
+                self._writes.add(future)
+            future.add_done_callback(self._write_done)
+        return outs[array]
+
+    def _write_copy(self, name: str, shard_index: int, data: np.ndarray) -> None:
+        """Publish the decoded copy of a shard held in memory, then map it in place of that memory."""
+        key, final = (name, shard_index), self.path(name, shard_index)
+        mapped = None
+        try:
             final.parent.mkdir(parents=True, exist_ok=True)
-            decoded_fmt.write_decoded_copy(self._tmp_path(final), final, outs.pop(name))
-            try:  # written here: no need to check it again
-                self._known_good.add(decoded_fmt.file_identity(final))
-            except FileNotFoundError:
-                pass  # evicted already by another process; the map attempt decodes again
-            self._touched_s[(name, shard_index)] = time.monotonic()
+            decoded_fmt.write_decoded_copy(self._tmp_path(final), final, data)
+            self._known_good.add(decoded_fmt.file_identity(final))  # written here: no need to check it again
+            self._touched_s[key] = time.monotonic()
+            mm, problem = decoded_fmt.map_decoded_copy(final, known_good=self._known_good)
+            mapped = mm.view(np.ndarray) if problem is None else None
+        except FileNotFoundError:
+            pass  # evicted already by another process: this process keeps the memory until it lets go of it
+        except OSError as exc:
+            log.warning("kdcache: the decoded copy of %r shard %d could not be written (%s)", name, shard_index, exc)
+            self._write_error = exc
+        with self._lock:
+            if mapped is not None and self._maps.get(key, data) is data:
+                self._remember(key, mapped)  # the page cache's copy in place of this process's memory
+            self._unwritten.pop(key, None)
         if self.max_bytes is not None:
-            self._evict(keep=path)
+            self._evict(keep=final)
+
+    def _write_done(self, future: Future) -> None:
+        with self._inflight_lock:
+            self._writes.discard(future)
+
+    def wait_writes(self) -> None:
+        """Block until every decoded copy this process is writing is on disk (or failed to be written)."""
+        while True:
+            with self._inflight_lock:
+                pending = list(self._writes)
+            if not pending:
+                return
+            futures_wait(pending)
 
     def _read_stored(self, array: str, shard_index: int) -> bytes:
         """A stored shard's bytes from the source (not checked yet: ``_verify_stored``)."""
@@ -295,15 +358,17 @@ class DecodedShardStore:
     def _prefetch_one(self, array: str, shard_index: int) -> None:
         # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.
         if not self.is_decoded(array, shard_index):
-            self._decode_to(self.path(array, shard_index), array, shard_index)
+            self._decode_to(array, shard_index, write_behind=False)
 
     def wait_prefetch(self) -> None:
-        """Block until background decodes finish (their errors surface on the reads that need them)."""
+        """Block until background decodes finish and their copies are on disk (their errors surface on the
+        reads that need them)."""
         for future in list(self._inflight.values()):
             try:
                 future.result()
             except Exception:
                 pass
+        self.wait_writes()
 
     def close(self) -> None:
         """Stop the background threads of this process (they restart on the next prefetch)."""
@@ -311,7 +376,9 @@ class DecodedShardStore:
             for pool in (self._executor, self._hasher, self._chunk_pool):  # decodes first: they use the others
                 if pool is not None:
                     pool.shutdown(wait=True, cancel_futures=True)
-        self._executor = self._hasher = self._chunk_pool = None
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)  # copies decoded so far are finished, not dropped
+        self._executor = self._hasher = self._chunk_pool = self._writer = None
 
     # ------------------------------------------------------------------ size limit
 
@@ -329,7 +396,9 @@ class DecodedShardStore:
             pass
 
     def decoded_bytes(self) -> int:
-        """Bytes of this cache's decoded copies on disk now (all processes' together)."""
+        """Bytes of this cache's decoded copies on disk (all processes' together), once this process's
+        pending copies are written."""
+        self.wait_writes()
         return sum(size for _, size, _ in self._decoded_files())
 
     def _decoded_files(self) -> list[tuple[float, int, Path]]:
