@@ -15,7 +15,7 @@ arrays at the sample's index.
 
 Each system is then read as a training loop reads it: shuffled, B = 8, 0 workers, every batch delivered as
 torch tensors. ``cold`` is the first pass over fresh directories (kdcache: an empty decode directory, so
-the pass checks, decodes and writes every shard; litdata: a fresh dataset object and cache directory;
+the pass checks, decodes and writes every shard, and ends once every decoded copy is on disk; litdata: a fresh dataset object and cache directory;
 mosaic: a fresh dataset after its shared memory is cleaned); ``warm`` is a second pass with the same
 object (kdcache: a new loader over the now-decoded directory). Rounds are paired (every system, cold then
 warm, in each round; the order rotates) and medians reported; ``*_vs_litdata`` ratios are medians of the
@@ -134,6 +134,9 @@ def _kdcache_pass(cache_dir: Path, name: str = "kdcache") -> _Pass:
                                    arrays=list(ARRAYS))
         for batch in loader:
             yield {"index": batch["sample_indices"], **{name: batch[name] for name in ARRAYS}}
+        # Copies written behind the reads count toward the pass that decoded them (a pass ends with every
+        # decoded copy on disk), so the warm pass after it does not share the machine with them.
+        cache.store.wait_writes()
 
     return _Pass(name, open_fresh, iterate)
 

@@ -55,7 +55,9 @@ with kdlib.open_cache(cache, decode_dir=work + "/warmup", **options) as c:
 start = time.perf_counter()
 with kdlib.open_cache(cache, decode_dir=work + "/cold", **options) as c:
     cold_s, first_s, tokens = one_pass(c)
-    cold_s = time.perf_counter() - start  # from the open, as a fresh node sees it
+    if hasattr(c.store, "wait_writes"):
+        c.store.wait_writes()  # copies written behind the pass count toward it
+    cold_s = time.perf_counter() - start  # from the open, as a fresh node sees it, until every copy is on disk
     warm_s = one_pass(c)[0]
 print(json.dumps({"cold_s": cold_s, "first_batch_s": first_s, "warm_s": warm_s, "tokens": tokens}))
 """
