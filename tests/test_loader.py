@@ -522,3 +522,43 @@ def test_spawned_workers_get_the_selection(cache_and_arrays):
     loader = kdlib.make_loader(cache, 4, num_workers=1, multiprocessing_context="spawn", drop_last=False,
                                subset=SUBSET, seed=2)
     assert _indices(loader) == _indices(kdlib.make_loader(cache, 4, drop_last=False, subset=SUBSET, seed=2))
+
+
+# --- the background thread's hand-offs (kdlib.producers.PrefetchThread) --------------------------------------
+def test_prefetch_thread_hands_batches_over_in_growing_groups_in_order():
+    import queue as queue_mod
+
+    from kdlib.producers import PrefetchThread
+
+    items = [(j, {"x": torch.full((4,), float(j))}) for j in range(100)]
+    producer = PrefetchThread(iter(items), depth=2)
+    seen = [(j, batch["x"][0].item()) for j, batch in producer]
+    assert seen == [(j, float(j)) for j in range(100)]
+    producer.close()
+
+    # What crosses the queue: the first batch alone, then groups of at most 2, 4, 8, ... batches.
+    handed: queue_mod.Queue = queue_mod.Queue()
+    producer = PrefetchThread(iter(items), depth=1000)
+    producer._thread.join()  # the consumer never waits here, so only the group rules cut the groups
+    while not producer._queue.empty():
+        handed.put(producer._queue.get())
+    sizes = [len(g) for g in list(handed.queue) if isinstance(g, list)]
+    assert sum(sizes) == 100 and sizes[0] == 1
+    assert all(size <= min(2 ** i, PrefetchThread._GROUP_MAX) for i, size in enumerate(sizes))
+
+
+def test_prefetch_thread_delivers_the_batches_made_before_an_error_then_raises_it():
+    from kdlib.producers import PrefetchThread
+
+    def source():
+        for j in range(5):
+            yield j, {"x": torch.zeros(2)}
+        raise ValueError("shard 3 is corrupt")
+
+    producer = PrefetchThread(source(), depth=2)
+    got = []
+    with pytest.raises(ValueError, match="shard 3 is corrupt"):
+        for j, _ in producer:
+            got.append(j)
+    assert got == [0, 1, 2, 3, 4]
+    producer.close()
