@@ -15,12 +15,15 @@ arrays at the sample's index.
 
 Each system is then read as a training loop reads it: shuffled, B = 8, 0 workers, every batch delivered as
 torch tensors. ``cold`` is the first pass over fresh directories (kdcache: an empty decode directory, so
-the pass checks, decodes and writes every shard, and ends once every decoded copy is on disk; litdata: a fresh dataset object and cache directory;
-mosaic: a fresh dataset after its shared memory is cleaned); ``warm`` is a second pass with the same
-object (kdcache: a new loader over the now-decoded directory). Rounds are paired (every system, cold then
+the pass checks, decodes and writes every shard, and ends once every decoded copy is on disk; litdata: a
+fresh dataset object and cache directory; mosaic: a fresh dataset after its shared memory is cleaned);
+``warm`` is a second pass with the same object (kdcache: a new loader over the now-decoded directory). Rounds are paired (every system, cold then
 warm, in each round; the order rotates) and medians reported; ``*_vs_litdata`` ratios are medians of the
 per-round ratios of the default-codec cache against the FASTER litdata variant of that round (per variant,
-and for ``kdcache_lz4`` as ``{mode}_lz4_vs_{peer}``, in ``ratios``).
+and for ``kdcache_lz4`` as ``{mode}_lz4_vs_{peer}``, in ``ratios``). ``kdcache_inline`` is the default cache read
+with ``prefetch=0``: batches made in the training thread, as litdata and mosaic make theirs with 0 workers
+(``kdcache``, the loader's default, makes them in a background thread, which overlaps a training step but
+costs a thread hand-off per group of batches when there is no step; ratios ``{mode}_inline_vs_{peer}``).
 
 Environment: litdata and mosaicml-streaming import torchvision, which does not import beside the
 project's own CPU torch, so this runs from a separate venv::
@@ -123,7 +126,9 @@ class _Pass:
         return self.iterate(self.state)
 
 
-def _kdcache_pass(cache_dir: Path, name: str = "kdcache") -> _Pass:
+def _kdcache_pass(cache_dir: Path, name: str = "kdcache", prefetch: int = 2) -> _Pass:
+    """``prefetch``: the loader's default 2 (batches made in a background thread, handed over in groups), or
+    0 (made in this thread, as litdata and mosaic make theirs with 0 workers)."""
     import kdlib
 
     def open_fresh(fresh: Path) -> Any:
@@ -131,7 +136,7 @@ def _kdcache_pass(cache_dir: Path, name: str = "kdcache") -> _Pass:
 
     def iterate(cache: Any) -> Iterable[dict]:
         loader = kdlib.make_loader(cache, BATCH_SIZE, shuffle=True, seed=0, num_workers=0, drop_last=True,
-                                   arrays=list(ARRAYS))
+                                   arrays=list(ARRAYS), prefetch=prefetch)
         for batch in loader:
             yield {"index": batch["sample_indices"], **{name: batch[name] for name in ARRAYS}}
         # Copies written behind the reads count toward the pass that decoded them (a pass ends with every
@@ -233,6 +238,7 @@ def read_rows(quick: bool, tmp_dir: str | Path, *, rounds: int | None = None) ->
     if any(not np.array_equal(lz4_truth[name], truth[name]) for name in ARRAYS):
         raise SystemExit("the blosc-lz4 kdcache cache decodes to other values than the default one")
     systems = [_kdcache_pass(cache_dir), _kdcache_pass(lz4_dir, "kdcache_lz4"),
+               _kdcache_pass(cache_dir, "kdcache_inline", prefetch=0),
                _litdata_pass("litdata_raw", _write_litdata(work / "litdata_raw", truth, None)),
                _litdata_pass("litdata_zstd", _write_litdata(work / "litdata_zstd", truth, "zstd")),
                _mosaic_pass(_write_mds(work / "mds", truth))]
@@ -268,11 +274,12 @@ def read_ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     ratios: dict[str, float] = {}
     for mode in ("cold", "warm"):
         ours = by[("kdcache", mode)]
-        for us, variant in [(u, v) for u in ("kdcache", "kdcache_lz4") for v in ("litdata_raw", "litdata_zstd", "mosaic")]:
+        variants = {"kdcache": "", "kdcache_lz4": "lz4_", "kdcache_inline": "inline_"}
+        for us, variant in [(u, v) for u in variants for v in ("litdata_raw", "litdata_zstd", "mosaic")]:
             mine, theirs = by.get((us, mode), {}), by.get((variant, mode), {})
             paired = [mine[r] / theirs[r] for r in mine if r in theirs]
             if paired:
-                ratios[f"{mode}_{'lz4_' if us == 'kdcache_lz4' else ''}vs_{variant}"] = round(statistics.median(paired), 3)
+                ratios[f"{mode}_{variants[us]}vs_{variant}"] = round(statistics.median(paired), 3)
         best = [ours[r] / max(by[("litdata_raw", mode)][r], by[("litdata_zstd", mode)][r]) for r in ours]
         ratios[f"{mode}_read_vs_litdata"] = round(statistics.median(best), 3)
     return {"cold_read_vs_litdata": ratios.pop("cold_read_vs_litdata"),

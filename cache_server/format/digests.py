@@ -38,7 +38,9 @@ def shard_checksums(raw: bytes | memoryview) -> dict[str, Any]:
     return {"sha256": shard_sha256(raw), "nbytes": len(raw), "xxh3_128": shard_xxh3_128(raw)}
 
 
-def shard_bytes_problem(raw: bytes | memoryview, expected: Mapping[str, Any], *, every_digest: bool = False) -> str | None:
+def shard_bytes_problem(
+    raw: bytes | memoryview, expected: Mapping[str, Any], *, every_digest: bool = False
+) -> str | None:
     """What is wrong with a stored shard's bytes against its manifest entry, or None when they match.
 
     The one rule for checking stored bytes: the size, then the entry's ``xxh3_128`` when it has one (caches
