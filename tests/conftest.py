@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from typing import Callable
 
 import pytest
 import torch
@@ -38,3 +40,14 @@ def small_fs(tmp_path):
         yield mount_point, remount
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def eventually(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+    """Whether ``predicate()`` becomes true within ``timeout_s`` (polled): for effects a reader finishes in the
+    background, such as the decoded copies it writes behind its reads, checked from outside the reader."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

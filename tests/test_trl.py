@@ -17,6 +17,7 @@ import kdlib  # noqa: E402
 from tests.examples import load_example
 from tests.cachefactory import make_synthetic_cache  # noqa: E402
 from tests.serverproc import ServerProcess  # noqa: E402
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
 
@@ -55,7 +56,7 @@ def test_trains_from_a_served_url(cache_path, tmp_path, monkeypatch):
     with ServerProcess([str(cache_path)], token_dir=tmp_path / "server") as server:
         result = _run(server.cache_url(cache_path.name), tmp_path / "url", "--steps", "2")
     assert result["steps"] == 2 and all(torch.isfinite(torch.tensor(result["logged_losses"])))
-    assert any((tmp_path / "decoded").rglob("*.npy"))  # shards came over HTTP
+    assert eventually(lambda: any((tmp_path / "decoded").rglob("*.npy")))  # shards came over HTTP, decoded here
 
 
 def test_alignment_check_is_on_and_errors_are_clear(cache_path, tmp_path):
