@@ -94,7 +94,8 @@ def _value_checks(cache_dir: Path, axolotl: Path, distillkit: Path) -> dict[str,
     ids_ok = np.array_equal(dk_ids, ids[:, :-1].reshape(-1, K).astype(np.int64))
     return {"axolotl-parquet-zstd": {"ok": bool(axolotl_ok), "exact": True},
             "distillkit-parquet-zstd": {"ok": bool(ids_ok and np.isfinite(err).all() and err.mean() < 0.5),
-                                        "ids_exact": bool(ids_ok), "logprob_max_abs_err_nats": round(float(err.max()), 4),
+                                        "ids_exact": bool(ids_ok),
+                                        "logprob_max_abs_err_nats": round(float(err.max()), 4),
                                         "logprob_mean_abs_err_nats": round(float(err.mean()), 4)}}
 
 

@@ -17,10 +17,10 @@ Each system is then read as a training loop reads it: shuffled, B = 8, 0 workers
 torch tensors. ``cold`` is the first pass over fresh directories (kdcache: an empty decode directory, so
 the pass checks, decodes and writes every shard, and ends once every decoded copy is on disk; litdata: a
 fresh dataset object and cache directory; mosaic: a fresh dataset after its shared memory is cleaned);
-``warm`` is a second pass with the same object (kdcache: a new loader over the now-decoded directory). Rounds are paired (every system, cold then
-warm, in each round; the order rotates) and medians reported; ``*_vs_litdata`` ratios are medians of the
-per-round ratios of the default-codec cache against the FASTER litdata variant of that round (per variant,
-and for ``kdcache_lz4`` as ``{mode}_lz4_vs_{peer}``, in ``ratios``). ``kdcache_inline`` is the default cache read
+``warm`` is a second pass with the same object (kdcache: a new loader over the now-decoded directory).
+Rounds are paired (every system, cold then warm, in each round; the order rotates) and medians reported;
+``*_vs_litdata`` ratios are medians of the per-round ratios of the default-codec cache against the FASTER
+litdata variant of that round (per variant, and for ``kdcache_lz4`` as ``{mode}_lz4_vs_{peer}``, in ``ratios``). ``kdcache_inline`` is the default cache read
 with ``prefetch=0``: batches made in the training thread, as litdata and mosaic make theirs with 0 workers
 (``kdcache``, the loader's default, makes them in a background thread, which overlaps a training step but
 costs a thread hand-off per group of batches when there is no step; ratios ``{mode}_inline_vs_{peer}``).

@@ -78,7 +78,9 @@ class PrefetchThread:
     (~0.1-0.2 ms on a 2-core VM, as much as making a small batch, so a loop that waits for each batch ran at
     half the inline speed). A group closes when it holds ``target`` batches (1 at first, doubling per group
     up to ``_GROUP_MAX``), ``_GROUP_BYTES`` of tensors, or its first batch is ``_GROUP_AGE_S`` old, so the first
-    batch comes alone, a waiting consumer never waits long for a made batch, and large batches go one by one.
+    batch comes alone and large batches go one by one. The age is checked between batches: when the next read
+    blocks (a shard still decoding), the batches already made wait with it, so the read-ahead holds at most
+    ``depth`` groups (``depth`` batches when each is over 4 MB).
 
     Stopping is deterministic: the stop flag is checked between batches (and while waiting for queue space), and
     :meth:`close` returns only after the thread has exited; at most the read under way when it was called is

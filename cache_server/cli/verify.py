@@ -103,7 +103,8 @@ def verify_cache(cache_dir: str | Path, decode: bool = True, progress: bool = Fa
             problems.append(f"array {name!r} shard {index} ({path}): cannot be read ({exc.strerror or exc})")
             continue
         try:
-            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=str(path), every_digest=True)
+            fmt.verify_shard_bytes(raw, manifest["shards"][name][index], name, index, where=str(path),
+                                   every_digest=True)
             if decode:
                 fmt.decode_stored_shard(raw, specs[name], layout, index)
         except fmt.CorruptShardError as exc:

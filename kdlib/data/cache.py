@@ -270,8 +270,8 @@ class CacheReader:
         self.prefetch_shards(shards[1:].tolist(), names)  # decoded in parallel with the first one
         # Batches of a shuffle window span several shards: per shard, where its rows go and which rows they are
         # (computed once for every array).
-        parts = [(int(s), np.flatnonzero(shard_of == s)) for s in shards] if shards.size > 1 else []
-        parts = [(s, pos, idx[pos] - s * S) for s, pos in parts]
+        positions = [np.flatnonzero(shard_of == s) for s in shards] if shards.size > 1 else []
+        parts = [(int(s), pos, idx[pos] - s * S) for s, pos in zip(shards, positions)]
         out: dict[str, torch.Tensor] = {}
         for name in names:
             spec = self.store.specs[name]
