@@ -147,7 +147,8 @@ def test_a_read_is_served_while_its_copy_is_written_behind_and_the_copy_is_compl
 
 def test_a_copy_that_cannot_be_written_is_reported_by_the_next_decode(tmp_path, small_fs):
     """A full disk under the decode directory: the read that decoded the shard still gets its values (from
-    memory); the copy's write fails behind it, and the next decode raises that error with what to do."""
+    memory); the copy's write fails behind it, and the next decode of another shard raises that error with what
+    to do (once: the read after it decodes that shard again, and its own failed writes wait for the next shard)."""
     mount_point, _ = small_fs
     # Decoded shards of ~300 KB (topk ids + log-probs of 8 x 512 x 16): none fits the 256 KB tmpfs whole.
     cache_dir, arrays = make_synthetic_cache(tmp_path / "c", num_sequences=16, seq_len=512, topk=16,

@@ -10,6 +10,7 @@ filesystem; ``FsspecShardSource`` reads an object store (``s3://bucket/prefix``,
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -36,8 +37,9 @@ class ShardSource(Protocol):
         """The manifest file's exact bytes (they key the decoded-copy directory)."""
         ...
 
-    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes:
-        """The stored bytes of one shard of ``array`` (``ndim`` dimensions); the caller checks the sha256."""
+    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes | memoryview:
+        """The stored bytes of one shard of ``array`` (``ndim`` dimensions; any bytes-like object, e.g. a
+        memory map); the caller checks them against the manifest."""
         ...
 
     def close(self) -> None:
@@ -61,11 +63,22 @@ class LocalShardSource:
         running on it, an unfinished build, or not a cache."""
         return fmt.read_manifest_bytes(self.cache_dir)
 
-    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes:
-        """The stored bytes of one shard, or ``CorruptShardError`` naming it when its file is missing."""
+    def read_shard(self, array: str, shard_index: int, ndim: int) -> bytes | memoryview:
+        """The stored bytes of one shard (a read-only memory map of its file), or ``CorruptShardError`` naming it
+        when its file is missing.
+
+        Mapped, not read: the digest check and the decompression read the page cache's pages in place, instead
+        of a fresh 12 MB buffer being faulted in and copied into first (~15 ms of a cold shard's ~100 ms). The
+        map lives as long as the returned view. A build never rewrites a shard file in place (it removes it and
+        writes a new file), so the mapped bytes stay those of the file that was opened.
+        """
         path = self.cache_dir / fmt.shard_relpath(array, shard_index, ndim)
         try:
-            return path.read_bytes()
+            with open(path, "rb") as file:
+                size = os.fstat(file.fileno()).st_size
+                if size == 0:
+                    return b""  # mmap refuses empty files; the size check then reports the damage
+                return memoryview(mmap.mmap(file.fileno(), size, access=mmap.ACCESS_READ))
         except FileNotFoundError:
             raise CorruptShardError(array, shard_index, "shard file is missing", where=str(path)) from None
 

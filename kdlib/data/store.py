@@ -27,7 +27,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
 from pathlib import Path
 from typing import Any, Mapping
@@ -92,6 +92,9 @@ class DecodedShardStore:
         if decode_threads is not None and (not isinstance(decode_threads, int) or decode_threads < 1):
             raise ValueError(f"decode_threads must be a positive integer or None, got {decode_threads!r}")
         self.decode_threads = decode_threads if decode_threads is not None else min(8, os.cpu_count() or 1)
+        # One full shard of every array, decoded: what may wait in memory for the writer before a decode ahead.
+        self._shard_bytes = sum(int(np.prod(spec.shape(self.layout.shard_seqs))) * spec.dtype.itemsize
+                                for spec in self.specs.values())
         self.evicted = 0
         self.redecoded = 0  # damaged copies found (crc32c mismatch) and decoded again by this process
         self._reset_process_state()
@@ -113,7 +116,9 @@ class DecodedShardStore:
         # Decoded and checked, its copy not on disk yet: reads are served from this memory meanwhile.
         self._unwritten: dict[tuple[str, int], np.ndarray] = {}
         self._writes: set[Future] = set()
-        self._write_error: OSError | None = None  # a copy that could not be written: raised by the next decode
+        # (shard, error) of a copy that could not be written: raised by the next decode of another shard (not of
+        # the same one, whose other arrays' decodes are part of the very read that the failed write was behind).
+        self._write_error: tuple[int, OSError] | None = None
         self._inflight: dict[tuple[str, int], Future] = {}
         self._inflight_lock = threading.Lock()
         self._evict_lock = threading.Lock()
@@ -177,7 +182,7 @@ class DecodedShardStore:
             if unwritten is not None:
                 return unwritten
             if not path.exists():
-                return self._decode_to(array, shard_index, write_behind=True)  # a read waits for this one
+                return self._decode_to(array, shard_index)  # a read waits for this one
             try:
                 mm, problem = decoded_fmt.map_decoded_copy(path, known_good=self._known_good)
             except FileNotFoundError:
@@ -206,21 +211,21 @@ class DecodedShardStore:
         with self._lock:
             self._maps.pop((array, shard_index), None)
 
-    def _decode_to(self, array: str, shard_index: int, *, write_behind: bool) -> np.ndarray:
+    def _decode_to(self, array: str, shard_index: int) -> np.ndarray:
         """Decode a shard and return it (read-only, in memory); a format v2 slot group is decoded whole (one
         sort per position), and its other members not decoded yet too.
 
         The stored bytes' digest is checked in the hashing thread while this thread decodes them, and nothing
         is served or published before it passed. The shard is decoded into memory and its copy written with
         its crc32c taken from that memory (``decoded.write_decoded_copy``: no writable map to fault in, no
-        msync, no re-read); the map of the copy then replaces the memory. ``write_behind`` (a read is waiting
-        for this shard): the writer thread writes the copy while the read is served from memory, so the first
-        batch does not wait for the write. Otherwise (a decode ahead of the reads, in the background) this
-        thread writes it: nothing waits for it, and copies do not queue up behind the reads.
+        msync, no re-read); the map of the copy then replaces the memory. The writer thread writes the copy
+        while reads are served from that memory, so neither a read waiting for this shard nor one waiting for a
+        background decode of it (the loader's lookahead decodes the first shard too) waits for the write.
         """
-        if self._write_error is not None:  # a copy written behind an earlier read failed: say so now
-            error, self._write_error = self._write_error, None
-            raise error
+        failed = self._write_error
+        if failed is not None and failed[0] != shard_index:  # a copy written behind an earlier read failed
+            self._write_error = None
+            raise failed[1]
         targets = [array] + [name for name in slots.group_arrays(self.layout, array)[1:]
                              if not self.is_decoded(name, shard_index)]
         inputs = dict.fromkeys([*targets, *fmt.decode_inputs(self.layout, array)])
@@ -249,9 +254,6 @@ class DecodedShardStore:
             data.flags.writeable = False  # a batch copies out of it, like out of a read-only map
             with self._lock:
                 self._unwritten[(name, shard_index)] = data
-            if not write_behind:
-                self._write_copy(name, shard_index, data)
-                continue
             future = self._pool("_writer", 1, "kdcache-write").submit(self._write_copy, name, shard_index, data)
             with self._inflight_lock:
                 self._writes.add(future)
@@ -273,7 +275,7 @@ class DecodedShardStore:
             pass  # evicted already by another process: this process keeps the memory until it lets go of it
         except OSError as exc:
             log.warning("kdcache: the decoded copy of %r shard %d could not be written (%s)", name, shard_index, exc)
-            self._write_error = exc
+            self._write_error = (shard_index, exc)
         with self._lock:
             if mapped is not None and self._maps.get(key, data) is data:
                 self._remember(key, mapped)  # the page cache's copy in place of this process's memory
@@ -284,6 +286,17 @@ class DecodedShardStore:
     def _write_done(self, future: Future) -> None:
         with self._inflight_lock:
             self._writes.discard(future)
+
+    def _wait_for_writer(self, limit_bytes: int) -> None:
+        """Block until the decoded arrays waiting for the writer hold at most ``limit_bytes``."""
+        while True:
+            with self._lock:
+                pending_bytes = sum(data.nbytes for data in self._unwritten.values())
+            with self._inflight_lock:
+                pending = list(self._writes)
+            if pending_bytes <= limit_bytes or not pending:
+                return
+            futures_wait(pending, return_when=FIRST_COMPLETED)
 
     def wait_writes(self) -> None:
         """Block until every decoded copy this process is writing is on disk (or failed to be written)."""
@@ -357,8 +370,12 @@ class DecodedShardStore:
 
     def _prefetch_one(self, array: str, shard_index: int) -> None:
         # Errors stay in the future: a read waiting for this shard raises them; nobody else sees them.
+        # Decodes ahead of the reads do not pile up in memory behind the writer: one starts once at most one
+        # shard's worth of copies is still waiting to be written (not none: the lookahead queues every array of
+        # the first shard, and the batch that needs them should not wait for the copies of the others).
+        self._wait_for_writer(self._shard_bytes)
         if not self.is_decoded(array, shard_index):
-            self._decode_to(array, shard_index, write_behind=False)
+            self._decode_to(array, shard_index)
 
     def wait_prefetch(self) -> None:
         """Block until background decodes finish and their copies are on disk (their errors surface on the
