@@ -72,7 +72,8 @@ def pinned(source: Iterator[tuple[int, dict]]) -> Iterator[tuple[int, dict]]:
 
 
 class PrefetchThread:
-    """Reads batches ahead in one daemon thread, ``depth`` hand-offs at most.
+    """Reads batches ahead in one daemon thread, ``depth`` hand-offs at most, or makes them in the consumer's
+    thread while there is nothing to overlap.
 
     Batches are handed over in groups: every hand-off between two threads costs a wake-up and a GIL transfer
     (~0.1-0.2 ms on a 2-core VM, as much as making a small batch, so a loop that waits for each batch ran at
@@ -82,50 +83,110 @@ class PrefetchThread:
     blocks (a shard still decoding), the batches already made wait with it, so the read-ahead holds at most
     ``depth`` groups (``depth`` batches when each is over 4 MB).
 
+    Inline while the consumer is quick: the thread only pays when the consumer spends time away from the loader
+    (a training step) for the batches to be made in. The consumer measures how long it stays away between two
+    batches and how long a batch takes to make (moving averages); while it comes back in under
+    ``_INLINE_BELOW`` of a batch's making time (a loop that only reads: statistics, a benchmark, a step far
+    cheaper than the batch), it makes the next batch itself and the thread waits; once it stays away for
+    ``_THREAD_ABOVE`` of a batch's making time (a real step), the thread reads ahead again. It starts inline
+    (``inline_first``; the thread is started the first time it is needed), so the first two batches are made in
+    the consumer's thread: the first waits for a shard's decode either way, the second measures. Either way the
+    source is advanced under one lock, by one thread at a time, and a group is queued before the lock is let go,
+    so the batches come in the source's order; the consumer makes one itself only when the queue is empty.
+
     Stopping is deterministic: the stop flag is checked between batches (and while waiting for queue space), and
     :meth:`close` returns only after the thread has exited; at most the read under way when it was called is
-    finished (and discarded). The source generator runs, and is closed, in the thread.
+    finished (and discarded). The source generator is closed by the thread (by :meth:`close` if the thread
+    never started).
     """
 
     _DONE = object()
     _GROUP_MAX = 64
     _GROUP_BYTES = 4 << 20
     _GROUP_AGE_S = 0.002
+    _INLINE_BELOW = 0.5  # away time / making time under which the consumer makes the batches itself
+    _THREAD_ABOVE = 1.0  # ... and over which the thread reads ahead again (between the two: no change)
+    _AVERAGE_WEIGHT = 0.25  # of the newest measurement in the moving averages
 
-    def __init__(self, source: Iterator[Any], depth: int) -> None:
+    def __init__(self, source: Iterator[Any], depth: int, *, inline_first: bool = True) -> None:
         self._source = source
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        self._source_lock = threading.Lock()  # held while the source is advanced and what it made is queued
+        self._exhausted = False  # the source ended (or raised): under _source_lock
+        self._inline = inline_first
+        self._resume = threading.Event()  # set while the thread reads ahead
+        self._make_s: float | None = None  # moving average: one batch made (the first one, a cold decode, not)
+        self._made = 0
+        self._away_s: float | None = None  # moving average: the consumer away between two batches
         self._thread = threading.Thread(target=self._produce, name="kdcache-loader-prefetch", daemon=True)
-        self._thread.start()
+        self._started = False
+        if not inline_first:
+            self._start_thread()
+
+    def _start_thread(self) -> None:
+        """Let the thread read ahead (started on first use: a loop that only reads never needs it)."""
+        self._inline = False
+        self._resume.set()
+        if not self._started:
+            self._started = True
+            self._thread.start()
+
+    def _average(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self._AVERAGE_WEIGHT * (new - old)
+
+    def _next_from_source(self) -> Any:
+        """One item of the source, timed (under ``_source_lock``); StopIteration and errors mark it exhausted."""
+        started_s = time.perf_counter()
+        try:
+            item = next(self._source)
+        except BaseException:
+            self._exhausted = True
+            raise
+        self._made += 1
+        if self._made > 1:  # the first batch waits for the first shard's decode: not what a batch costs
+            self._make_s = self._average(self._make_s, time.perf_counter() - started_s)
+        return item
 
     def _produce(self) -> None:
         group: list[Any] = []
         try:
-            target, group_bytes, started_s = 1, 0, 0.0
+            target = 1
             while not self._stop.is_set():
-                try:
-                    item = next(self._source)
-                except StopIteration:
-                    if not group or self._put(group):
-                        self._put(self._DONE)
-                    return
-                if not group:
-                    started_s = time.monotonic()
-                group.append(item)
-                group_bytes += _tensor_bytes(item)
-                if (len(group) >= target or group_bytes >= self._GROUP_BYTES
-                        or time.monotonic() - started_s >= self._GROUP_AGE_S):
-                    batch_group, group, group_bytes = group, [], 0
+                if self._inline:
+                    target = 1  # the first group after a pause comes alone again
+                    self._resume.wait(0.05)
+                    continue
+                with self._source_lock:
+                    if self._exhausted:
+                        return  # run dry by the consumer, which knows it
+                    group_bytes, started_s = 0, time.monotonic()
+                    while True:
+                        try:
+                            item = self._next_from_source()
+                        except StopIteration:
+                            if not group or self._put(group):
+                                self._put(self._DONE)
+                            return
+                        group.append(item)
+                        group_bytes += _tensor_bytes(item)
+                        if (len(group) >= target or group_bytes >= self._GROUP_BYTES
+                                or time.monotonic() - started_s >= self._GROUP_AGE_S or self._stop.is_set()):
+                            break
+                    batch_group, group = group, []
                     if not self._put(batch_group):
                         return
-                    target = min(2 * target, self._GROUP_MAX)
+                target = min(2 * target, self._GROUP_MAX)
         except BaseException as exc:  # re-raised in the consumer (after the batches made before it)
             if not group or self._put(group):
                 self._put(exc)
         finally:
-            close = getattr(self._source, "close", None)
-            if close is not None:
+            self._close_source()
+
+    def _close_source(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            with self._source_lock:  # not while the consumer is advancing it
                 close()
 
     def _put(self, item: Any) -> bool:
@@ -137,26 +198,63 @@ class PrefetchThread:
                 continue
         return False
 
-    def __iter__(self) -> Iterator[Any]:
+    def _take(self) -> list[Any] | None:
+        """The next batches in order: a group from the queue, or one made here (inline); None at the end."""
         while True:
             try:
-                item = self._queue.get(timeout=0.1)
+                item = self._queue.get_nowait()
             except queue.Empty:
                 if self._stop.is_set():
                     raise RuntimeError(SUPERSEDED) from None
-                if not self._thread.is_alive() and self._queue.empty():
-                    raise RuntimeError("the loader's prefetch thread exited without a result; this is a bug")
-                continue
+                # Ended in the thread: its end (or error) is on the way to the queue, after its last group.
+                if self._inline and not self._exhausted and self._source_lock.acquire(blocking=False):
+                    try:
+                        # Else a group was queued, or the source ended, before the lock was let go: take that.
+                        if self._queue.empty() and not self._exhausted:
+                            try:
+                                return [self._next_from_source()]
+                            except StopIteration:
+                                return None
+                    finally:
+                        self._source_lock.release()
+                    continue
+                try:
+                    item = self._queue.get(timeout=0.1)
+                except queue.Empty:
+                    if not self._started:  # cannot happen: inline until started, and then the thread queues
+                        raise RuntimeError("the loader's prefetch thread was never started; this is a bug")
+                    if not self._thread.is_alive() and self._queue.empty():
+                        raise RuntimeError("the loader's prefetch thread exited without a result; this is a bug")
+                    continue
             if item is self._DONE:
-                return
+                return None
             if isinstance(item, BaseException):
                 raise item
-            yield from item
+            return item
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            items = self._take()
+            if items is None:
+                return
+            for item in items:
+                handed_s = time.perf_counter()
+                yield item
+                self._away_s = self._average(self._away_s, time.perf_counter() - handed_s)
+                if self._make_s is not None:
+                    if not self._inline and self._away_s < self._INLINE_BELOW * self._make_s:
+                        self._inline = True
+                        self._resume.clear()
+                    elif self._inline and self._away_s > self._THREAD_ABOVE * self._make_s:
+                        self._start_thread()
 
     def close(self) -> None:
         """Stop reading ahead and wait until the thread has exited."""
         self._stop.set()
-        if self._thread is threading.current_thread():
+        self._resume.set()
+        if not self._started or self._thread is threading.current_thread():
+            if not self._started:
+                self._close_source()
             return
         self._thread.join(timeout=5.0)
         if self._thread.is_alive():
