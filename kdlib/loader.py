@@ -147,7 +147,9 @@ class CacheLoader:
         num_workers: DataLoader worker processes (0 reads in a background thread of this process; see above).
         drop_last: what happens to an epoch's remainder (module docstring).
         prefetch: batches read ahead per worker; with num_workers=0, hand-offs of the background thread, each
-            a group of batches up to 4 MB of tensors (``kdlib.producers.PrefetchThread``); 0 = none (inline).
+            a group of batches up to 4 MB of tensors (``kdlib.producers.PrefetchThread``, which makes batches in
+            this thread instead while the loop comes back sooner than half a batch's making time); 0 = none
+            (inline).
         pin_memory: page-locked batches for asynchronous host→GPU copies (default: when CUDA is available;
             requesting it without CUDA warns and reads unpinned batches).
         device: move every batch there (``non_blocking`` from pinned memory) and widen ``input_ids`` to
