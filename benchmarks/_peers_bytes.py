@@ -1,6 +1,8 @@
 """Bytes per token of one teacher output stored three ways: kdcache (the cache as built), axolotl-style Parquet
-(zstd; what ``kdcache export --to axolotl`` writes) and DistillKit's codec (its compressed-logit Parquet, zstd,
-with the README's "budget" settings at k = the cache's K: exact_k 1 bfloat16, polynomial [0, 1, sqrt]).
+(zstd; what ``kdcache export --to axolotl`` writes) and DistillKit's codec (its compressed-logit Parquet, zstd),
+twice: with the README's "budget" settings at k = the cache's K (exact_k 1 bfloat16, polynomial [0, 1, sqrt];
+lossy), and lossless (``-exact``: exact_k = K in the cache's log-prob dtype, no polynomial), so the lossless
+formats are compared with each other too (``bytes_vs_best_lossless_peer``).
 
 ``storage_rows(cache_dir, tmp_dir)`` is what benchmarks/compare_peers.py calls; ``python -m
 benchmarks._peers_bytes [CACHE]`` prints one JSON line per format (without CACHE: a small synthetic cache).
@@ -18,14 +20,23 @@ import numpy as np
 __all__ = ["storage_rows"]
 
 
-def _distillkit_config(layout):
+# DistillKit rows: format name -> whether its settings keep every bit of the cache's log-probs.
+_DISTILLKIT_FORMATS = {"distillkit-parquet-zstd": False, "distillkit-parquet-zstd-exact": True}
+
+
+def _distillkit_config(layout, exact: bool = False):
+    """The budget settings (lossy), or ``exact``: every value in the cache's log-prob dtype (lossless)."""
     from cache_server.interop import distillkit_codec as codec
 
+    if exact:
+        return codec.CodecConfig(d=layout.vocab_size, k=layout.topk, exact_k=layout.topk,
+                                 exact_dtype=np.dtype(layout.logprob_dtype).name, polynomial_terms=(),
+                                 delta_encoding=False)
     return codec.CodecConfig(d=layout.vocab_size, k=layout.topk, exact_k=1, exact_dtype="bfloat16",
                              polynomial_terms=(0, 1, "sqrt"), delta_encoding=False)
 
 
-def _distillkit_parquet(cache_dir: Path, out: Path) -> tuple[int, int]:
+def _distillkit_parquet(cache_dir: Path, out: Path, exact: bool = False) -> tuple[int, int]:
     """DistillKit's layout of the cache's top-k (L-1 positions per row); returns (file bytes, codec bytes)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -38,7 +49,7 @@ def _distillkit_parquet(cache_dir: Path, out: Path) -> tuple[int, int]:
     layout = fmt.layout_from_manifest(manifest)
     rows = CacheRows(cache_dir, manifest, layout)
     K, T = layout.topk, layout.seq_len
-    config = _distillkit_config(layout)
+    config = _distillkit_config(layout, exact)
     bits = codec.index_bits(layout.vocab_size)
     schema = pa.schema([pa.field("input_ids", pa.list_(pa.uint64())),
                         pa.field("compressed_logprobs", pa.list_(pa.list_(pa.uint8()))),
@@ -60,12 +71,12 @@ def _distillkit_parquet(cache_dir: Path, out: Path) -> tuple[int, int]:
     return out.stat().st_size, raw
 
 
-def _value_checks(cache_dir: Path, axolotl: Path, distillkit: Path) -> dict[str, dict]:
-    """Read both peers' files back and compare them with the cache's decoded top-k, so the bytes counted are
+def _value_checks(cache_dir: Path, axolotl: Path, distillkit: dict[str, Path]) -> dict[str, dict]:
+    """Read the peers' files back and compare them with the cache's decoded top-k, so the bytes counted are
     the same teacher output: axolotl's Parquet exactly (ids, fp32 of the cached log-probs, tokens, the masked
-    last row); DistillKit's ids exactly and its lossy log-probs as errors in nats (max, mean; ``ok`` needs a mean
-    under 0.5 nats: this codec's is ~0.01 on synthetic and ~0.08 on a trained teacher's long tails, a misread
-    file's is several nats)."""
+    last row); DistillKit's ids exactly, its exact settings' log-probs exactly, its lossy ones as errors in nats
+    (max, mean; ``ok`` needs a mean under 0.5 nats: this codec's is ~0.01 on synthetic and ~0.08 on a trained
+    teacher's long tails, a misread file's is several nats). ``distillkit``: {format name: file}."""
     import pyarrow.parquet as pq
 
     from cache_server import format as fmt
@@ -84,19 +95,25 @@ def _value_checks(cache_dir: Path, axolotl: Path, distillkit: Path) -> dict[str,
     axolotl_ok = (np.array_equal(got["input_ids"], x.astype(np.int64)) and np.array_equal(got["target_token_ids"], ids)
                   and np.array_equal(got["target_logprobs"], lp.astype(np.float32))
                   and np.array_equal(got["target_mask"], mask))
-    table = pq.read_table(distillkit)
-    packed = np.array(table.column("bytepacked_indices").to_pylist(), dtype=np.uint8)  # [N, T-1, bytes]
-    raw = np.array(table.column("compressed_logprobs").to_pylist(), dtype=np.uint8)
-    dk_ids = codec.unpack_bits(packed.reshape(-1, packed.shape[-1]), codec.index_bits(layout.vocab_size), K)
-    dk_lp = codec.decode_logprobs(raw.reshape(-1, raw.shape[-1]), _distillkit_config(layout))
+    checks = {"axolotl-parquet-zstd": {"ok": bool(axolotl_ok), "exact": True}}
     want = lp[:, :-1].reshape(-1, K).astype(np.float32)
-    err = np.abs(dk_lp - want)[np.isfinite(want)]
-    ids_ok = np.array_equal(dk_ids, ids[:, :-1].reshape(-1, K).astype(np.int64))
-    return {"axolotl-parquet-zstd": {"ok": bool(axolotl_ok), "exact": True},
-            "distillkit-parquet-zstd": {"ok": bool(ids_ok and np.isfinite(err).all() and err.mean() < 0.5),
-                                        "ids_exact": bool(ids_ok),
-                                        "logprob_max_abs_err_nats": round(float(err.max()), 4),
-                                        "logprob_mean_abs_err_nats": round(float(err.mean()), 4)}}
+    for name, path in distillkit.items():
+        exact = _DISTILLKIT_FORMATS[name]
+        table = pq.read_table(path)
+        packed = np.array(table.column("bytepacked_indices").to_pylist(), dtype=np.uint8)  # [N, T-1, bytes]
+        raw = np.array(table.column("compressed_logprobs").to_pylist(), dtype=np.uint8)
+        dk_ids = codec.unpack_bits(packed.reshape(-1, packed.shape[-1]), codec.index_bits(layout.vocab_size), K)
+        dk_lp = codec.decode_logprobs(raw.reshape(-1, raw.shape[-1]), _distillkit_config(layout, exact))
+        ids_ok = np.array_equal(dk_ids, ids[:, :-1].reshape(-1, K).astype(np.int64))
+        if exact:  # bit for bit, non-finite values included
+            values_ok = np.array_equal(dk_lp.astype(lp.dtype).view(np.uint8), want.astype(lp.dtype).view(np.uint8))
+            checks[name] = {"ok": bool(ids_ok and values_ok), "exact": True}
+            continue
+        err = np.abs(dk_lp - want)[np.isfinite(want)]
+        checks[name] = {"ok": bool(ids_ok and np.isfinite(err).all() and err.mean() < 0.5), "ids_exact": bool(ids_ok),
+                        "logprob_max_abs_err_nats": round(float(err.max()), 4),
+                        "logprob_mean_abs_err_nats": round(float(err.mean()), 4)}
+    return checks
 
 
 def storage_rows(cache_dir: str | Path, tmp_dir: str | Path) -> list[dict]:
@@ -109,18 +126,23 @@ def storage_rows(cache_dir: str | Path, tmp_dir: str | Path) -> list[dict]:
     tokens = int(manifest["stats"]["tokens"])
     K = int(manifest["topk"])
     rows = [{"format": "kdcache", "bytes": int(manifest["stats"]["stored_bytes"]), "tokens": tokens,
+             "lossless": manifest.get("logprob_codec", "exact") == "exact",
              "note": f"format v{manifest['format_version']}, {manifest.get('logprob_codec', 'exact')} log-probs, "
                      "incl. lse and per-sequence stats"}]
     axolotl = tmp_dir / "peers_axolotl.parquet"
     export_cache(ExportOptions(cache=str(cache_dir), to="axolotl", out=str(axolotl), overwrite=True, progress=False),
                  log=lambda _: None)
-    rows.append({"format": "axolotl-parquet-zstd", "bytes": axolotl.stat().st_size, "tokens": tokens,
+    rows.append({"format": "axolotl-parquet-zstd", "bytes": axolotl.stat().st_size, "tokens": tokens, "lossless": True,
                  "note": "input_ids, labels, attention_mask, target_token_ids, target_logprobs (fp32), target_mask"})
-    size, raw = _distillkit_parquet(cache_dir, tmp_dir / "peers_distillkit.parquet")
-    rows.append({"format": "distillkit-parquet-zstd", "bytes": size, "tokens": tokens,
-                 "note": f"k={K}, exact_k 1 bf16 + polynomial [0,1,sqrt] (lossy); codec alone "
-                         f"{raw / tokens:.1f} B/token"})
-    checks = _value_checks(cache_dir, axolotl, tmp_dir / "peers_distillkit.parquet")
+    distillkit = {}
+    for name, exact in _DISTILLKIT_FORMATS.items():
+        distillkit[name] = tmp_dir / f"peers_{name}.parquet"
+        size, raw = _distillkit_parquet(cache_dir, distillkit[name], exact)
+        settings = (f"exact_k {K} in {manifest.get('logprob_dtype', 'float16')} (lossless)" if exact else
+                    "exact_k 1 bf16 + polynomial [0,1,sqrt] (lossy)")
+        rows.append({"format": name, "bytes": size, "tokens": tokens, "lossless": exact,
+                     "note": f"k={K}, {settings}; codec alone {raw / tokens:.1f} B/token"})
+    checks = _value_checks(cache_dir, axolotl, distillkit)
     for row in rows:
         row["bytes_per_token"] = round(row["bytes"] / row["tokens"], 2)
         if row["format"] in checks:
@@ -212,8 +234,12 @@ def main() -> None:
                 print(json.dumps(row))
     lossless = next(r["bytes_per_token"] for r in rows if r["cache_option"] == "kdcache" and r["format"] == "kdcache")
     peers = {r["format"]: r["bytes_per_token"] for r in rows if r["cache_option"] == "kdcache" and r["format"] != "kdcache"}
+    exact_peers = [r["format"] for r in rows
+                   if r["cache_option"] == "kdcache" and r["format"] != "kdcache" and r.get("lossless")]
     summary = {"benchmark": "peers_bytes", "bytes_cache": "real" if args.real else "given" if args.cache else "synthetic",
                "bytes_vs_best_peer": lossless / min(peers.values()), "best_peer": min(peers, key=peers.get),
+               "bytes_vs_best_lossless_peer": lossless / min(v for k, v in peers.items() if k in exact_peers),
+               "best_lossless_peer": min(exact_peers, key=peers.get),
                "kdcache_bytes_per_token": {r["cache_option"]: r["bytes_per_token"] for r in rows if r["format"] == "kdcache"},
                "peers_bytes_per_token": peers, "command": " ".join(["python"] + sys.argv)}
     if args.out:

@@ -27,7 +27,8 @@ line is one JSON object with ``loss_vs_best_peer`` (the fastest KD peer's time o
 kdcache is faster), ``from_hidden_vs_materialized`` and ``ce_from_hidden_vs_cce`` (kdcache's time over the
 other's: < 1 means kdcache is faster), ``cold_read_vs_litdata`` / ``warm_read_vs_litdata`` (throughput ratios
 from the read module: > 1 faster) and ``bytes_vs_best_peer`` (kdcache's bytes/token over the smallest peer's:
-< 1 smaller); ``null`` where a section is missing.
+< 1 smaller; ``bytes_vs_best_lossless_peer`` over the smallest lossless peer's); ``null`` where a section is
+missing.
 """
 
 from __future__ import annotations
@@ -95,7 +96,9 @@ def _bytes_section(cache: str | None, tmp: Path) -> tuple[list[dict], dict[str, 
         return [dict(section="bytes", method="(failed)", error=f"{type(exc).__name__}: {exc}"[:300])], {}
     ours = next((r["bytes_per_token"] for r in rows if r["method"] == "kdcache"), None)
     peers = [r["bytes_per_token"] for r in rows if r["method"] != "kdcache"]
+    lossless = [r["bytes_per_token"] for r in rows if r["method"] != "kdcache" and r.get("lossless")]
     return rows, dict(bytes_vs_best_peer=(ours / min(peers)) if ours and peers else None,
+                      bytes_vs_best_lossless_peer=(ours / min(lossless)) if ours and lossless else None,
                       bytes_cache=(str(cache) if cache else "synthetic"))
 
 

@@ -47,6 +47,9 @@ def test_driver_writes_table_and_last_line_json(tmp_path):
     if any(r["section"] == "bytes" and "bytes_per_token" in r for r in payload["rows"]):
         assert final["bytes_vs_best_peer"] is not None and (tmp_path / "compare_peers_quick.png").stat().st_size > 0
         peers = [r for r in payload["rows"] if r["section"] == "bytes" and r["method"] != "kdcache"]
-        assert {r["method"] for r in peers} == {"axolotl-parquet-zstd", "distillkit-parquet-zstd"}
+        assert {r["method"] for r in peers} == {"axolotl-parquet-zstd", "distillkit-parquet-zstd",
+                                                "distillkit-parquet-zstd-exact"}
         assert all(r["value_check"]["ok"] for r in peers)  # each peer's file read back holds the cache's top-k
-        assert next(r for r in peers if r["method"] == "axolotl-parquet-zstd")["value_check"]["exact"]
+        for name in ("axolotl-parquet-zstd", "distillkit-parquet-zstd-exact"):  # the lossless ones: bit for bit
+            assert next(r for r in peers if r["method"] == name)["value_check"]["exact"]
+        assert final["bytes_vs_best_lossless_peer"] is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import pickle
 import re
@@ -406,3 +407,20 @@ def test_large_shards_are_fetched_in_range_pieces(world, tmp_path):
         pieces = sum(-(-e["nbytes"] // 97) for entries in cache.manifest["shards"].values() for e in entries)
         assert cache.source.stats["requests"] == 1 + pieces  # the manifest + every piece, no retries
         assert cache.source.stats["bytes"] >= stored
+
+
+def test_remote_shard_bytes_are_hashed_once(world, tmp_path):
+    """The HTTP source checks every shard against the manifest (to fetch a damaged transfer again), so the store
+    does not hash the same bytes a second time; a local source leaves the check to the store, and an entry that
+    differs from the store's (a source holding another manifest) is checked by the store again."""
+    local = LocalCache(world["dir"], decode_dir=tmp_path / "local")
+    assert not local.store._checked_by_source("topk_ids", 0)
+    with remote(world, sub="hashed-once") as cache:
+        assert cache.source.checks_shards
+        assert cache.store._checked_by_source("topk_ids", 0)
+        np.testing.assert_array_equal(cache.read(0, 6)["topk_ids"].numpy(), local.read(0, 6)["topk_ids"].numpy())
+        other = json.loads(json.dumps(cache.source.manifest))
+        other["shards"]["topk_ids"][1]["sha256"] = "0" * 64
+        cache.source.manifest = other
+        assert cache.store._checked_by_source("topk_ids", 0)
+        assert not cache.store._checked_by_source("topk_ids", 1)

@@ -132,6 +132,8 @@ class HttpShardSource:
             request latency and memory per request on a shared server); None fetches whole shards.
     """
 
+    checks_shards = True  # read_shard checks the bytes against self.manifest (and fetches a damaged one again)
+
     def __init__(
         self,
         url: str,

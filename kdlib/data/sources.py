@@ -29,6 +29,9 @@ class ShardSource(Protocol):
 
     Attributes:
         description: the path or URL, for messages.
+        checks_shards: (optional, default False) ``read_shard`` itself checks the bytes against the entry of
+            the source's ``manifest`` attribute; the store then does not hash them again when that entry is the
+            one it holds.
     """
 
     description: str
@@ -109,6 +112,8 @@ class FsspecShardSource:
         max_retries, backoff_s, max_backoff_s: the retry policy for transport errors.
         corrupt_retries: extra fetches of an object whose bytes do not match the manifest.
     """
+
+    checks_shards = True  # read_shard checks the bytes against self.manifest (and fetches a damaged one again)
 
     def __init__(self, url: str, *, storage_options: Mapping[str, Any] | None = None, max_retries: int = 8,
                  backoff_s: float = 0.1, max_backoff_s: float = 5.0, corrupt_retries: int = 2) -> None:
