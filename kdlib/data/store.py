@@ -289,7 +289,8 @@ class DecodedShardStore:
             self._writes.discard(future)
 
     def _wait_for_writer(self, limit_bytes: int) -> None:
-        """Block until the decoded arrays waiting for the writer hold at most ``limit_bytes``."""
+        """Block until the decoded arrays waiting for the writer hold at most ``limit_bytes`` (-1: until no write is
+        pending)."""
         while True:
             with self._lock:
                 pending_bytes = sum(data.nbytes for data in self._unwritten.values())
@@ -301,12 +302,7 @@ class DecodedShardStore:
 
     def wait_writes(self) -> None:
         """Block until every decoded copy this process is writing is on disk (or failed to be written)."""
-        while True:
-            with self._inflight_lock:
-                pending = list(self._writes)
-            if not pending:
-                return
-            futures_wait(pending)
+        self._wait_for_writer(-1)
 
     def _read_stored(self, array: str, shard_index: int) -> bytes:
         """A stored shard's bytes from the source (not checked yet: ``_verify_stored``)."""
@@ -319,7 +315,8 @@ class DecodedShardStore:
             return False
         theirs = getattr(self.source, "manifest", None)
         try:
-            return theirs is not None and theirs["shards"][array][shard_index] == self.manifest["shards"][array][shard_index]
+            return theirs is not None and (theirs["shards"][array][shard_index]
+                                           == self.manifest["shards"][array][shard_index])
         except (KeyError, IndexError, TypeError):
             return False
 
